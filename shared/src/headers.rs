@@ -1,0 +1,80 @@
+//! Every header name, probe value and user agent of the Knative contract, written once.
+//!
+//! Names are lowercase because `http::HeaderName::from_static` requires it; HTTP header
+//! names are case-insensitive on the wire.
+
+use http::HeaderName;
+
+/// Set by ingress and by the activator's own probes; its value says which component is asked.
+pub const K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
+/// Hash that the ingress prober expects echoed back.
+pub const K_NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
+/// Marks a kubelet probe that was rewritten to go through the queue-proxy.
+pub const K_KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
+/// The activator moves the client's `Host` here so the queue-proxy can restore it.
+pub const K_ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host");
+/// Set by the activator so the autoscaler can subtract load it already counted.
+pub const K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
+/// Names the revision a request is for (set by ingress, stripped before the app).
+pub const KNATIVE_SERVING_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
+/// Names the namespace of that revision.
+pub const KNATIVE_SERVING_NAMESPACE: HeaderName =
+    HeaderName::from_static("knative-serving-namespace");
+/// Thaw's own: milliseconds a response waited for a cold start. [beyond]
+pub const THAW_COLD_START: HeaderName = HeaderName::from_static("thaw-cold-start");
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// `K-Network-Probe` value for a health check aimed at the queue-proxy.
+pub const PROBE_QUEUE: &str = "queue";
+/// `K-Network-Probe` value the ingress prober sends.
+pub const PROBE_INGRESS: &str = "probe";
+/// `K-Network-Probe` value the autoscaler sends to the activator.
+pub const PROBE_ACTIVATOR: &str = "activator";
+/// `K-Proxy-Request` value the activator sets.
+pub const PROXY_REQUEST_ACTIVATOR: &str = "activator";
+
+/// User agents that mark a request as a health check rather than traffic.
+pub const KUBE_PROBE_UA_PREFIX: &str = "kube-probe/";
+pub const ACTIVATOR_PROBE_UA: &str = "Knative-Activator-Probe";
+pub const AUTOSCALING_PROBE_UA: &str = "Knative-Autoscaling-Probe";
+/// What Knative's readiness prober sends to the user container (no kube version known).
+pub const READINESS_PROBE_UA: &str = "kube-probe//";
+
+/// True when the `User-Agent` marks a kubelet, activator or autoscaler health check.
+pub fn is_health_check_user_agent(ua: &[u8]) -> bool {
+    ua.starts_with(KUBE_PROBE_UA_PREFIX.as_bytes())
+        || ua.starts_with(ACTIVATOR_PROBE_UA.as_bytes())
+        || ua.starts_with(AUTOSCALING_PROBE_UA.as_bytes())
+}
+
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1, plus legacy ones).
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_check_user_agents() {
+        assert!(is_health_check_user_agent(b"kube-probe/1.29"));
+        assert!(is_health_check_user_agent(b"Knative-Activator-Probe"));
+        assert!(is_health_check_user_agent(b"Knative-Autoscaling-Probe/x"));
+        assert!(!is_health_check_user_agent(b"curl/8.0"));
+        assert!(!is_health_check_user_agent(b"kube-probe"));
+    }
+}
