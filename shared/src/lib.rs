@@ -4,3 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod headers;
+pub mod breaker;
+pub mod drain;
+pub mod proto;
+pub mod proxy;
+pub mod stats;
+pub mod timeout;

@@ -1,0 +1,410 @@
+//! Streaming reverse proxy onto one upstream address, on hyper-util's pooled client.
+//!
+//! Bodies stream both ways frame by frame (no buffering, so server-sent events and chunked
+//! streams arrive piece by piece). HTTP/2 requests go out as h2c, HTTP/1 ones as HTTP/1.1.
+//! `Upgrade` requests (websockets) are spliced into a byte pipe after the `101`.
+//! The connector always dials the configured address, whatever the request's authority,
+//! so the app sees the client's original `Host` / `:authority`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, CONNECTION, HOST, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::drain::UpgradeTracker;
+use crate::headers;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Dials one fixed address for every request.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedConnector {
+    addr: SocketAddr,
+}
+
+impl tower_service::Service<Uri> for FixedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let addr = self.addr;
+        // One allocation per new connection, not per request: the pool reuses them.
+        Box::pin(async move {
+            let stream = TcpStream::connect(addr).await?;
+            // Small responses must leave at once, not wait for Nagle.
+            stream.set_nodelay(true)?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Why a request could not be proxied. Always answered with `502` and this text.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No connection could be made: nothing was sent, so another upstream may be tried.
+    #[error("error connecting to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    /// The upstream broke the exchange after the request was (or may have been) sent.
+    #[error("error proxying to {addr}: {reason}")]
+    Upstream { addr: SocketAddr, reason: String },
+}
+
+impl ProxyError {
+    /// True when the request never reached the upstream.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, ProxyError::Connect { .. })
+    }
+}
+
+/// Renders an error and its sources, since hyper's top-level messages ("client error
+/// (Connect)") say little on their own.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Settings of the pooled client.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamSettings {
+    pub addr: SocketAddr,
+    /// Idle keep-alive connections kept: Knative sizes this to the concurrency (1000 when
+    /// unlimited).
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+/// A pooled HTTP/1.1 + h2c client bound to one upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream<B> {
+    http1: Client<FixedConnector, B>,
+    http2: Client<FixedConnector, B>,
+    addr: SocketAddr,
+    authority: Authority,
+}
+
+impl<B> Upstream<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(settings: UpstreamSettings) -> Self {
+        let connector = FixedConnector { addr: settings.addr };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(settings.idle_timeout)
+            .pool_max_idle_per_host(settings.max_idle);
+        let http1 = builder.build(connector);
+        let http2 = builder.http2_only(true).http2_adaptive_window(true).build(connector);
+        let authority = match Authority::try_from(settings.addr.to_string().as_str()) {
+            Ok(a) => a,
+            // A SocketAddr always renders as a valid authority.
+            Err(_) => Authority::from_static("127.0.0.1"),
+        };
+        Self { http1, http2, addr: settings.addr, authority }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends a request that [`prepare_request`] already cleaned, returning the response
+    /// with its hop-by-hop headers removed. Upgrades are spliced in the background and
+    /// tracked by `upgrades`.
+    pub async fn forward(
+        &self,
+        mut req: Request<B>,
+        upgrades: &UpgradeTracker,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+        let h2 = req.version() == Version::HTTP_2;
+        self.set_target(&mut req, h2);
+        let result = if h2 { self.http2.request(req).await } else { self.http1.request(req).await };
+        let mut resp = result.map_err(|e| {
+            let reason = error_chain(&e);
+            if e.is_connect() {
+                ProxyError::Connect { addr: self.addr, reason }
+            } else {
+                ProxyError::Upstream { addr: self.addr, reason }
+            }
+        })?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let tracked = upgrades.track();
+                tokio::spawn(async move {
+                    let _tracked = tracked;
+                    let (Ok(client), Ok(upstream)) =
+                        futures_util::future::join(client_upgrade, upstream_upgrade).await
+                    else {
+                        return;
+                    };
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    // Either side closing or failing ends the tunnel; nothing to report.
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+            return Ok(resp);
+        }
+        strip_hop_by_hop(resp.headers_mut(), false);
+        Ok(resp)
+    }
+
+    /// Points the request at the upstream: an absolute URI for the pool, HTTP/1.1 or h2.
+    fn set_target(&self, req: &mut Request<B>, h2: bool) {
+        let uri = std::mem::take(req.uri_mut());
+        let mut parts = uri.into_parts();
+        parts.scheme = Some(Scheme::HTTP);
+        if h2 {
+            // HTTP/2 carries the host as `:authority`; a `Host` header set upstream of
+            // here (K-Original-Host) wins, as Go's proxy sends `req.Host`.
+            if let Some(host) = req.headers_mut().remove(HOST) {
+                if let Ok(a) = Authority::try_from(host.as_bytes()) {
+                    parts.authority = Some(a);
+                }
+            }
+            if parts.authority.is_none() {
+                parts.authority = Some(self.authority.clone());
+            }
+        } else {
+            parts.authority = Some(self.authority.clone());
+            *req.version_mut() = Version::HTTP_11;
+        }
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        // Every part is set and individually valid, so this cannot fail; keep the default
+        // URI rather than panic if it ever does.
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+    }
+}
+
+/// True for an HTTP/1.1 `Connection: upgrade` + `Upgrade: …` request.
+pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && connection_has_token(req.headers(), b"upgrade")
+}
+
+fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
+/// Removes hop-by-hop headers, including any named by `Connection`. With `keep_upgrade`,
+/// `Connection: upgrade` and `Upgrade` survive so a websocket handshake can pass through.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(CONNECTION) {
+        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        let listed: Vec<http::HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|t| http::HeaderName::from_bytes(t.trim_ascii()).ok())
+            .filter(|n| !(keep_upgrade && *n == UPGRADE))
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &headers::HOP_BY_HOP {
+        if name == CONNECTION && keep_upgrade {
+            continue;
+        }
+        if name == http::header::TE {
+            // `TE: trailers` is how gRPC clients ask for trailers; it must reach the app.
+            if headers.get(name).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+                continue;
+            }
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+/// Header rules for a request going to the app (CONTRACT §1.3.9 and §2.2): hop-by-hop
+/// headers out (upgrades kept), the client's address appended to `X-Forwarded-For`.
+pub fn prepare_request<B>(req: &mut Request<B>, client_ip: Option<&HeaderValue>) {
+    let upgrade = is_upgrade_request(req);
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    if let Some(ip) = client_ip {
+        append_forwarded_for(headers, ip);
+    }
+}
+
+/// Appends the peer to `X-Forwarded-For` as Go's reverse proxy does: `prior, ip`.
+pub fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let prior: Vec<&[u8]> =
+        headers.get_all(headers::X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes).collect();
+    if prior.is_empty() {
+        headers.insert(headers::X_FORWARDED_FOR, ip.clone());
+        return;
+    }
+    let mut joined = prior.join(&b", "[..]);
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(ip.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(headers::X_FORWARDED_FOR, v);
+    }
+}
+
+/// Builds `Forwarded` from the `X-Forwarded-*` headers when it is absent, as Knative's
+/// forwarded shim does: one `for=` element per `X-Forwarded-For` hop, the first also
+/// carrying `host=` and `proto=`.
+pub fn forwarded_shim(headers: &mut HeaderMap) {
+    if headers.contains_key(headers::FORWARDED) {
+        return;
+    }
+    let Some(xff) = headers.get(headers::X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let host = headers.get(headers::X_FORWARDED_HOST).and_then(|v| v.to_str().ok());
+    let proto = headers.get(headers::X_FORWARDED_PROTO).and_then(|v| v.to_str().ok());
+    let mut out = String::with_capacity(xff.len() + 32);
+    for (i, hop) in xff.split(',').map(str::trim).filter(|h| !h.is_empty()).enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str("for=");
+        if hop.contains(':') {
+            // IPv6 nodes are quoted and bracketed (RFC 7239 §6).
+            out.push_str("\"[");
+            out.push_str(hop.trim_start_matches('[').trim_end_matches(']'));
+            out.push_str("]\"");
+        } else {
+            out.push_str(hop);
+        }
+        if i == 0 {
+            if let Some(h) = host {
+                out.push_str(";host=");
+                out.push_str(h);
+            }
+            if let Some(p) = proto {
+                out.push_str(";proto=");
+                out.push_str(p);
+            }
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&out) {
+        headers.insert(headers::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_survives_for_grpc() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+    }
+
+    #[test]
+    fn upgrade_headers_survive_for_websockets() {
+        let mut req = Request::builder()
+            .header(CONNECTION, "Upgrade")
+            .header(UPGRADE, "websocket")
+            .header("keep-alive", "1")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade_request(&req));
+        prepare_request(&mut req, None);
+        assert_eq!(req.headers().get(UPGRADE).unwrap(), "websocket");
+        assert_eq!(req.headers().get(CONNECTION).unwrap(), "upgrade");
+        assert!(!req.headers().contains_key("keep-alive"));
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(h.get(headers::X_FORWARDED_FOR).unwrap(), "10.0.0.9");
+        let mut h = HeaderMap::new();
+        h.append(headers::X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(headers::X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(h.get(headers::X_FORWARDED_FOR).unwrap(), "1.1.1.1, 2.2.2.2, 10.0.0.9");
+    }
+
+    #[test]
+    fn forwarded_shim_builds_from_x_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(headers::X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4, 2001:db8::1"));
+        h.insert(headers::X_FORWARDED_HOST, HeaderValue::from_static("example.com"));
+        h.insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        forwarded_shim(&mut h);
+        assert_eq!(
+            h.get(headers::FORWARDED).unwrap(),
+            "for=1.2.3.4;host=example.com;proto=https, for=\"[2001:db8::1]\""
+        );
+        // An existing Forwarded is left alone, and nothing is made up without XFF.
+        let mut h = HeaderMap::new();
+        h.insert(headers::FORWARDED, HeaderValue::from_static("for=9.9.9.9"));
+        h.insert(headers::X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        forwarded_shim(&mut h);
+        assert_eq!(h.get(headers::FORWARDED).unwrap(), "for=9.9.9.9");
+        let mut h = HeaderMap::new();
+        h.insert(headers::X_FORWARDED_HOST, HeaderValue::from_static("example.com"));
+        forwarded_shim(&mut h);
+        assert!(!h.contains_key(headers::FORWARDED));
+    }
+
+    #[test]
+    fn error_chain_includes_sources() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Outer(#[source] std::io::Error);
+        assert_eq!(error_chain(&Outer(io)), "tcp connect error: connection refused");
+    }
+}
