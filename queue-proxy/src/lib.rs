@@ -1,1 +1,230 @@
-//! placeholder
+//! Thaw's queue-proxy: a drop-in replacement for Knative Serving's sidecar. It enforces
+//! the pod's concurrency, probes the app, drains without dropping requests and reports
+//! load to the autoscaler, speaking Knative's exact wire contract.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thaw_shared::breaker::Breaker;
+use thaw_shared::drain::{Drainer, UpgradeTracker};
+use thaw_shared::probe::{Prober, ProberOptions};
+use thaw_shared::proxy::{Upstream, UpstreamSettings};
+use thaw_shared::stats::ConcurrencyRecorder;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::config::Config;
+use crate::metrics::{AutoscalerStats, UserMetrics};
+use crate::server::{State, Transport};
+use crate::tls::{certs_present, CertReloader, TlsSettings};
+
+/// How often a `Stat` is cut for the autoscaler.
+pub const REPORTING_PERIOD: Duration = Duration::from_secs(1);
+/// How often the TLS files are checked for rotation.
+const CERT_POLL: Duration = Duration::from_secs(10);
+
+/// Why the queue-proxy could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {what} port {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+}
+
+async fn bind(config: &Config, what: &'static str, port: u16) -> Result<TcpListener, RunError> {
+    let addr = SocketAddr::new(config.listen_address, port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { what, addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(listener = what, address = %bound, "listening");
+    Ok(listener)
+}
+
+/// Builds the shared request-path state from the configuration.
+pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
+    let cc = config.container_concurrency;
+    Ok(Arc::new(State {
+        timeouts: config.timeouts,
+        drainer: Arc::new(Drainer::new(config.drain_quiet_period)),
+        stats: Arc::new(ConcurrencyRecorder::new()),
+        breaker: (cc > 0).then(|| Arc::new(Breaker::new(cc))),
+        upstream: Upstream::new(UpstreamSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], config.user_port)),
+            max_idle: if cc > 0 { cc } else { 1000 },
+            idle_timeout: Duration::from_secs(90),
+        }),
+        upgrades: UpgradeTracker::default(),
+        prober: Prober::new(
+            config.readiness_probes.clone(),
+            ProberOptions {
+                http2_auto_detect: config.http2_auto_detect,
+                ..Default::default()
+            },
+        ),
+        metrics: Arc::new(UserMetrics::new(config)?),
+        autoscaler: AutoscalerStats::new(config),
+        request_log: config.observability.request_log,
+    }))
+}
+
+/// Runs the queue-proxy until it has drained after SIGTERM (or SIGINT).
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let state = build_state(&config)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+
+    // Every port is bound before anything serves, so a clash fails the start cleanly.
+    let serving = bind(&config, "serving", config.serving_port).await?;
+    let tls = if certs_present(&config.tls_cert_file, &config.tls_key_file) {
+        let certs = CertReloader::load(TlsSettings {
+            cert_path: config.tls_cert_file.clone(),
+            key_path: config.tls_key_file.clone(),
+            min_version: config.tls_min_version,
+            max_version: config.tls_max_version,
+        })?;
+        Some((bind(&config, "tls", config.tls_port).await?, certs))
+    } else {
+        None
+    };
+    let admin = bind(&config, "admin", config.admin_port).await?;
+    let metrics = bind(&config, "metrics", config.metrics_port).await?;
+    let user_metrics = bind(&config, "user-metrics", config.user_metrics_port).await?;
+
+    let builder = Arc::new(server::http_builder(&config));
+    let (stop_traffic, traffic_stopped) = watch::channel(false);
+    let (stop_aux, aux_stopped) = watch::channel(false);
+
+    let mut traffic = Vec::new();
+    let s = Arc::clone(&state);
+    let user_handler = move |ip: &http::HeaderValue, req| {
+        let s = Arc::clone(&s);
+        let ip = ip.clone();
+        async move { server::handle(&s, &ip, req).await }
+    };
+    traffic.push(tokio::spawn(server::serve(
+        serving,
+        Transport::Plain,
+        Arc::clone(&builder),
+        traffic_stopped.clone(),
+        user_handler.clone(),
+    )));
+    if let Some((listener, certs)) = tls {
+        certs.spawn_watcher(CERT_POLL);
+        traffic.push(tokio::spawn(server::serve(
+            listener,
+            Transport::Tls(certs),
+            Arc::clone(&builder),
+            traffic_stopped,
+            user_handler,
+        )));
+    }
+
+    let mut aux = Vec::new();
+    let s = Arc::clone(&state);
+    aux.push(tokio::spawn(server::serve(
+        admin,
+        Transport::Plain,
+        Arc::clone(&builder),
+        aux_stopped.clone(),
+        move |_: &http::HeaderValue, req| {
+            let s = Arc::clone(&s);
+            async move { server::admin(&s, &req).await }
+        },
+    )));
+    let s = Arc::clone(&state);
+    aux.push(tokio::spawn(server::serve(
+        metrics,
+        Transport::Plain,
+        Arc::clone(&builder),
+        aux_stopped.clone(),
+        move |_: &http::HeaderValue, req| {
+            let resp = server::autoscaler_metrics(&s, &req);
+            async move { resp }
+        },
+    )));
+    let s = Arc::clone(&state);
+    aux.push(tokio::spawn(server::serve(
+        user_metrics,
+        Transport::Plain,
+        Arc::clone(&builder),
+        aux_stopped,
+        move |_: &http::HeaderValue, req| {
+            let resp = server::user_metrics(&s, &req);
+            async move { resp }
+        },
+    )));
+
+    let reporter = tokio::spawn(report_stats(Arc::clone(&state), config.pod.clone()));
+
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    tracing::info!(quiet_period = ?config.drain_quiet_period, "signal received; draining");
+    state.drainer.start();
+    // Whoever sends a second signal wants the process gone now.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        tracing::warn!("second signal; exiting at once");
+        std::process::exit(1);
+    });
+
+    state.drainer.quiet().await;
+    tracing::info!("quiet period over; finishing in-flight requests");
+    let _ = stop_traffic.send(true);
+    for t in traffic {
+        let _ = t.await;
+    }
+    if !state.upgrades.wait_closed(UpgradeTracker::GRACE).await {
+        tracing::warn!(
+            open = state.upgrades.open(),
+            "upgraded connections still open after the grace period"
+        );
+    }
+    state.drainer.finish();
+    reporter.abort();
+    let _ = stop_aux.send(true);
+    for t in aux {
+        let _ = t.await;
+    }
+    tracing::info!("drained");
+    Ok(())
+}
+
+/// Cuts a `Stat` every reporting period and publishes it for the autoscaler's scrape.
+async fn report_stats(state: Arc<State>, pod: String) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval_at(started + REPORTING_PERIOD, REPORTING_PERIOD);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let now = tick.tick().await;
+        let report = state.stats.report_at(now);
+        state
+            .autoscaler
+            .set(report.to_stat(&pod, REPORTING_PERIOD, now.duration_since(started)));
+    }
+}

@@ -3,9 +3,11 @@
 //! three request timeouts, readiness probes and the drainer.
 #![forbid(unsafe_code)]
 
-pub mod headers;
 pub mod breaker;
 pub mod drain;
+pub mod duration;
+pub mod headers;
+pub mod probe;
 pub mod proto;
 pub mod proxy;
 pub mod stats;

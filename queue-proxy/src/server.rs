@@ -1,0 +1,373 @@
+//! The queue-proxy's listeners and the user-traffic stack, assembled in one place and in
+//! the order of CONTRACT §1.3.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use thaw_shared::breaker::Breaker;
+use thaw_shared::drain::{Drainer, UpgradeTracker};
+use thaw_shared::headers;
+use thaw_shared::probe::Prober;
+use thaw_shared::proxy::{self, ProxyError, Upstream};
+use thaw_shared::stats::ConcurrencyRecorder;
+use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::body::{RequestGuard, ResponseBody};
+use crate::config::Config;
+use crate::metrics::{AutoscalerStats, LogInfo, UserMetrics};
+use crate::tls::CertReloader;
+
+/// Largest request head accepted; beyond it the client gets `431`.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Everything the request path reads, shared by all connections.
+pub struct State {
+    pub timeouts: Timeouts,
+    pub drainer: Arc<Drainer>,
+    pub stats: Arc<ConcurrencyRecorder>,
+    pub breaker: Option<Arc<Breaker>>,
+    pub upstream: Upstream<Incoming>,
+    pub upgrades: UpgradeTracker,
+    pub prober: Prober,
+    pub metrics: Arc<UserMetrics>,
+    pub autoscaler: AutoscalerStats,
+    pub request_log: bool,
+}
+
+fn local(status: StatusCode, body: ResponseBody) -> Response<ResponseBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp
+}
+
+fn text(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut resp = local(status, ResponseBody::text(text));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The user-traffic stack, outermost first.
+pub async fn handle(
+    state: &Arc<State>,
+    client_ip: &HeaderValue,
+    mut req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    // 1. Health checks from the kubelet, activator and autoscaler never reach the app.
+    if req
+        .headers()
+        .get(USER_AGENT)
+        .is_some_and(|ua| headers::is_health_check_user_agent(ua.as_bytes()))
+    {
+        return health_check(state, &req).await;
+    }
+    // 2. The ingress prober checks the path through the mesh, not the app.
+    if let Some(resp) = ingress_probe(state, &req) {
+        return resp;
+    }
+    // 3. Real traffic keeps a draining pod alive until it has been quiet for a while.
+    state.drainer.touch();
+    // 4. Timeouts start now, so the wait in the breaker counts.
+    let started = Instant::now();
+    // 5. Apps that only read `Forwarded` still see where the request came from.
+    proxy::forwarded_shim(req.headers_mut());
+    // 6. Count the arrival before the breaker so the autoscaler sees queued demand too;
+    //    kubelet probes forwarded to the app are not demand.
+    let kubelet = req.headers().contains_key(headers::K_KUBELET_PROBE);
+    let proxied = req
+        .headers()
+        .get(headers::K_PROXY_REQUEST)
+        .is_some_and(|v| v.as_bytes() == headers::PROXY_REQUEST_ACTIVATOR.as_bytes());
+    let mut guard = RequestGuard {
+        record: Some(state.metrics.start(started)),
+        permit: None,
+        in_flight: (!kubelet).then(|| state.stats.arrive(proxied)),
+    };
+    if state.request_log {
+        if let Some(record) = guard.record.as_mut() {
+            record.log_with(LogInfo {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                version: req.version(),
+            });
+        }
+    }
+    // 7. The activator moved the client's Host aside; restore it for the app.
+    if let Some(host) = req.headers_mut().remove(headers::K_ORIGINAL_HOST) {
+        req.headers_mut().insert(HOST, host);
+    }
+    // 8 + 9. Breaker, then the proxy, both under the timeouts.
+    let breaker = if kubelet {
+        None
+    } else {
+        state.breaker.as_ref()
+    };
+    let head = async {
+        if let Some(breaker) = breaker {
+            match breaker.acquire().await {
+                Ok(permit) => guard.permit = Some(permit),
+                Err(full) => return Err(Refused::Full(full)),
+            }
+        }
+        req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
+        req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
+        proxy::prepare_request(&mut req, Some(client_ip));
+        state
+            .upstream
+            .forward(req, &state.upgrades)
+            .await
+            .map_err(Refused::Upstream)
+    };
+    let result = state.timeouts.before_first_byte(started, head).await;
+    let resp = match result {
+        Ok(Ok(resp)) => {
+            let (parts, body) = resp.into_parts();
+            let body = state.timeouts.body(started, body);
+            if let Some(record) = guard.record.as_mut() {
+                record.status(parts.status);
+            }
+            return Response::from_parts(parts, ResponseBody::Proxied { body, guard });
+        }
+        Ok(Err(Refused::Full(full))) => {
+            state.metrics.breaker_rejected();
+            text(StatusCode::SERVICE_UNAVAILABLE, static_reason(&full))
+        }
+        Ok(Err(Refused::Upstream(err))) => {
+            state.metrics.upstream_error();
+            bad_gateway(&err)
+        }
+        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
+    };
+    if let Some(record) = guard.record.as_mut() {
+        record.status(resp.status());
+    }
+    resp
+}
+
+enum Refused {
+    Full(thaw_shared::breaker::BreakerFull),
+    Upstream(ProxyError),
+}
+
+fn static_reason(_: &thaw_shared::breaker::BreakerFull) -> &'static str {
+    "pending request queue full"
+}
+
+fn bad_gateway(err: &ProxyError) -> Response<ResponseBody> {
+    tracing::warn!(error = %err, "app unreachable");
+    let mut resp = local(
+        StatusCode::BAD_GATEWAY,
+        ResponseBody::bytes(Bytes::from(err.to_string())),
+    );
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// CONTRACT §1.3.1: `503 shutting down` while draining, `400` for a probe not meant for
+/// the queue-proxy, else the app's readiness.
+async fn health_check(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+    if state.drainer.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let probe = req
+        .headers()
+        .get(headers::K_NETWORK_PROBE)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    if probe != headers::PROBE_QUEUE.as_bytes() {
+        let body = format!(
+            "unexpected probe header value: {}",
+            String::from_utf8_lossy(probe)
+        );
+        return local(
+            StatusCode::BAD_REQUEST,
+            ResponseBody::bytes(Bytes::from(body)),
+        );
+    }
+    if state.prober.is_ready().await {
+        text(StatusCode::OK, headers::PROBE_QUEUE)
+    } else {
+        local(StatusCode::SERVICE_UNAVAILABLE, ResponseBody::empty())
+    }
+}
+
+/// CONTRACT §1.3.2: the ingress prober's `K-Network-Probe: probe`, answered with its hash.
+fn ingress_probe(state: &State, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    let probe = req.headers().get(headers::K_NETWORK_PROBE)?;
+    if probe.as_bytes() != headers::PROBE_INGRESS.as_bytes() {
+        return None;
+    }
+    if state.drainer.is_draining() {
+        return Some(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+    }
+    let Some(hash) = req.headers().get(headers::K_NETWORK_HASH) else {
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "missing K-Network-Hash header",
+        ));
+    };
+    let mut resp = local(StatusCode::OK, ResponseBody::empty());
+    resp.headers_mut()
+        .insert(headers::K_NETWORK_HASH, hash.clone());
+    Some(resp)
+}
+
+/// `:9090`: the autoscaler's scrape, or Prometheus text for anyone not asking for protobuf.
+pub fn autoscaler_metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+    if req.uri().path() != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    let wants_protobuf = req
+        .headers()
+        .get_all(ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.contains("application/protobuf")));
+    let (body, content_type) = if wants_protobuf {
+        (state.autoscaler.protobuf(), "application/protobuf")
+    } else {
+        (
+            Bytes::from(state.autoscaler.prometheus_text()),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut resp = local(StatusCode::OK, ResponseBody::bytes(body));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// `:9091`: user-facing Prometheus metrics.
+pub fn user_metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+    if req.uri().path() != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    let depth = state.breaker.as_ref().map_or(0, |b| b.waiting());
+    let mut resp = local(
+        StatusCode::OK,
+        ResponseBody::bytes(Bytes::from(state.metrics.render(depth))),
+    );
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// `:8022`: only `/wait-for-drain`, the user container's preStop hook.
+pub async fn admin(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+    if req.uri().path() != "/wait-for-drain" {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    state.drainer.wait_for_drain().await;
+    local(StatusCode::OK, ResponseBody::empty())
+}
+
+/// The HTTP/1.1 + h2c server settings shared by every listener.
+pub fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.read_header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Where a listener's connections come from.
+pub enum Transport {
+    Plain,
+    Tls(CertReloader),
+}
+
+/// Accepts connections until `stop` turns true, then lets open connections finish
+/// their in-flight requests before returning.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    transport: Transport,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(&HeaderValue, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Running out of file descriptors must not end the server: back off briefly.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let client_ip = client_ip_header(peer);
+        let service = hyper::service::service_fn(move |req| {
+            let fut = handler(&client_ip, req);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        match &transport {
+            Transport::Plain => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                tokio::spawn(graceful.watch(conn));
+            }
+            Transport::Tls(certs) => {
+                let acceptor = certs.acceptor();
+                let builder = Arc::clone(&builder);
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match acceptor.accept(stream).await {
+                        Ok(tls) => tls,
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .into_owned();
+                    let _ = watcher.watch(conn).await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// The client address as `X-Forwarded-For` wants it, rendered once per connection.
+pub fn client_ip_header(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
