@@ -48,25 +48,38 @@ impl Breaker {
         let admission = self.admit()?;
         // The semaphore is never closed, so an error cannot happen; treat it as "full"
         // rather than panic if that ever changes.
-        let slot = Arc::clone(&self.slots).acquire_owned().await.map_err(|_| BreakerFull)?;
-        Ok(BreakerPermit { _slot: slot, _admission: admission })
+        let slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| BreakerFull)?;
+        Ok(BreakerPermit {
+            _slot: slot,
+            _admission: admission,
+        })
     }
 
     fn admit(self: &Arc<Self>) -> Result<Admission, BreakerFull> {
         self.admitted
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.capacity).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
             .map_err(|_| BreakerFull)?;
-        Ok(Admission { breaker: Arc::clone(self) })
+        Ok(Admission {
+            breaker: Arc::clone(self),
+        })
     }
 
     /// Requests holding a slot.
     pub fn in_flight(&self) -> usize {
-        self.concurrency.saturating_sub(self.slots.available_permits())
+        self.concurrency
+            .saturating_sub(self.slots.available_permits())
     }
 
     /// Requests admitted but still waiting for a slot.
     pub fn waiting(&self) -> usize {
-        self.admitted.load(Ordering::Acquire).saturating_sub(self.in_flight())
+        self.admitted
+            .load(Ordering::Acquire)
+            .saturating_sub(self.in_flight())
     }
 
     pub fn concurrency(&self) -> usize {

@@ -108,10 +108,12 @@ impl Drainer {
     /// user container is restarting, not the pod stopping).
     pub async fn wait_for_drain(&self) {
         let mut rx = self.phase.subscribe();
-        let started =
-            tokio::time::timeout(Self::WAIT_FOR_SIGTERM, rx.wait_for(|p| *p != Phase::Serving))
-                .await
-                .is_ok();
+        let started = tokio::time::timeout(
+            Self::WAIT_FOR_SIGTERM,
+            rx.wait_for(|p| *p != Phase::Serving),
+        )
+        .await
+        .is_ok();
         if !started {
             return;
         }
@@ -137,7 +139,9 @@ impl UpgradeTracker {
 
     pub fn track(&self) -> TrackedUpgrade {
         self.inner.open.fetch_add(1, Ordering::AcqRel);
-        TrackedUpgrade { inner: Arc::clone(&self.inner) }
+        TrackedUpgrade {
+            inner: Arc::clone(&self.inner),
+        }
     }
 
     pub fn open(&self) -> usize {

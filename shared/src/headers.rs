@@ -16,7 +16,8 @@ pub const K_ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host
 /// Set by the activator so the autoscaler can subtract load it already counted.
 pub const K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
 /// Names the revision a request is for (set by ingress, stripped before the app).
-pub const KNATIVE_SERVING_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
+pub const KNATIVE_SERVING_REVISION: HeaderName =
+    HeaderName::from_static("knative-serving-revision");
 /// Names the namespace of that revision.
 pub const KNATIVE_SERVING_NAMESPACE: HeaderName =
     HeaderName::from_static("knative-serving-namespace");

@@ -66,7 +66,10 @@ mod tests {
     fn expected_stat(name: &str) -> Stat {
         match name {
             "stat-empty" => Stat::default(),
-            "stat-podname" => Stat { pod_name: "hello-pod".into(), ..Default::default() },
+            "stat-podname" => Stat {
+                pod_name: "hello-pod".into(),
+                ..Default::default()
+            },
             "stat-full" => Stat {
                 pod_name: "hello-00001-deployment-7d9c6b5f4-x2x9k".into(),
                 average_concurrent_requests: 3.5,
@@ -134,7 +137,10 @@ mod tests {
                 let got = Stat::decode(bytes.as_slice()).unwrap();
                 assert_eq!(got.encode_to_vec(), bytes, "re-encode {name}");
                 assert_eq!(got.pod_name, want.pod_name);
-                assert_eq!(got.average_concurrent_requests, want.average_concurrent_requests);
+                assert_eq!(
+                    got.average_concurrent_requests,
+                    want.average_concurrent_requests
+                );
                 assert_eq!(got.process_uptime, want.process_uptime);
                 assert_eq!(got.timestamp, want.timestamp);
             } else {

@@ -112,7 +112,9 @@ where
     B::Error: Into<BoxError>,
 {
     pub fn new(settings: UpstreamSettings) -> Self {
-        let connector = FixedConnector { addr: settings.addr };
+        let connector = FixedConnector {
+            addr: settings.addr,
+        };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -120,13 +122,21 @@ where
             .pool_idle_timeout(settings.idle_timeout)
             .pool_max_idle_per_host(settings.max_idle);
         let http1 = builder.build(connector);
-        let http2 = builder.http2_only(true).http2_adaptive_window(true).build(connector);
+        let http2 = builder
+            .http2_only(true)
+            .http2_adaptive_window(true)
+            .build(connector);
         let authority = match Authority::try_from(settings.addr.to_string().as_str()) {
             Ok(a) => a,
             // A SocketAddr always renders as a valid authority.
             Err(_) => Authority::from_static("127.0.0.1"),
         };
-        Self { http1, http2, addr: settings.addr, authority }
+        Self {
+            http1,
+            http2,
+            addr: settings.addr,
+            authority,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -144,13 +154,23 @@ where
         let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
         let h2 = req.version() == Version::HTTP_2;
         self.set_target(&mut req, h2);
-        let result = if h2 { self.http2.request(req).await } else { self.http1.request(req).await };
+        let result = if h2 {
+            self.http2.request(req).await
+        } else {
+            self.http1.request(req).await
+        };
         let mut resp = result.map_err(|e| {
             let reason = error_chain(&e);
             if e.is_connect() {
-                ProxyError::Connect { addr: self.addr, reason }
+                ProxyError::Connect {
+                    addr: self.addr,
+                    reason,
+                }
             } else {
-                ProxyError::Upstream { addr: self.addr, reason }
+                ProxyError::Upstream {
+                    addr: self.addr,
+                    reason,
+                }
             }
         })?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -214,7 +234,9 @@ pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
 
 fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
     headers.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
     })
 }
 
@@ -240,7 +262,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         if name == http::header::TE {
             // `TE: trailers` is how gRPC clients ask for trailers; it must reach the app.
-            if headers.get(name).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+            if headers
+                .get(name)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            {
                 continue;
             }
         }
@@ -266,8 +291,11 @@ pub fn prepare_request<B>(req: &mut Request<B>, client_ip: Option<&HeaderValue>)
 
 /// Appends the peer to `X-Forwarded-For` as Go's reverse proxy does: `prior, ip`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
-    let prior: Vec<&[u8]> =
-        headers.get_all(headers::X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes).collect();
+    let prior: Vec<&[u8]> = headers
+        .get_all(headers::X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
     if prior.is_empty() {
         headers.insert(headers::X_FORWARDED_FOR, ip.clone());
         return;
@@ -287,13 +315,25 @@ pub fn forwarded_shim(headers: &mut HeaderMap) {
     if headers.contains_key(headers::FORWARDED) {
         return;
     }
-    let Some(xff) = headers.get(headers::X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) else {
+    let Some(xff) = headers
+        .get(headers::X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    else {
         return;
     };
-    let host = headers.get(headers::X_FORWARDED_HOST).and_then(|v| v.to_str().ok());
-    let proto = headers.get(headers::X_FORWARDED_PROTO).and_then(|v| v.to_str().ok());
+    let host = headers
+        .get(headers::X_FORWARDED_HOST)
+        .and_then(|v| v.to_str().ok());
+    let proto = headers
+        .get(headers::X_FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok());
     let mut out = String::with_capacity(xff.len() + 32);
-    for (i, hop) in xff.split(',').map(str::trim).filter(|h| !h.is_empty()).enumerate() {
+    for (i, hop) in xff
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .enumerate()
+    {
         if i > 0 {
             out.push_str(", ");
         }
@@ -370,18 +410,36 @@ mod tests {
         append_forwarded_for(&mut h, &ip);
         assert_eq!(h.get(headers::X_FORWARDED_FOR).unwrap(), "10.0.0.9");
         let mut h = HeaderMap::new();
-        h.append(headers::X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
-        h.append(headers::X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
+        h.append(
+            headers::X_FORWARDED_FOR,
+            HeaderValue::from_static("1.1.1.1"),
+        );
+        h.append(
+            headers::X_FORWARDED_FOR,
+            HeaderValue::from_static("2.2.2.2"),
+        );
         append_forwarded_for(&mut h, &ip);
-        assert_eq!(h.get(headers::X_FORWARDED_FOR).unwrap(), "1.1.1.1, 2.2.2.2, 10.0.0.9");
+        assert_eq!(
+            h.get(headers::X_FORWARDED_FOR).unwrap(),
+            "1.1.1.1, 2.2.2.2, 10.0.0.9"
+        );
     }
 
     #[test]
     fn forwarded_shim_builds_from_x_forwarded() {
         let mut h = HeaderMap::new();
-        h.insert(headers::X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4, 2001:db8::1"));
-        h.insert(headers::X_FORWARDED_HOST, HeaderValue::from_static("example.com"));
-        h.insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(
+            headers::X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4, 2001:db8::1"),
+        );
+        h.insert(
+            headers::X_FORWARDED_HOST,
+            HeaderValue::from_static("example.com"),
+        );
+        h.insert(
+            headers::X_FORWARDED_PROTO,
+            HeaderValue::from_static("https"),
+        );
         forwarded_shim(&mut h);
         assert_eq!(
             h.get(headers::FORWARDED).unwrap(),
@@ -390,11 +448,17 @@ mod tests {
         // An existing Forwarded is left alone, and nothing is made up without XFF.
         let mut h = HeaderMap::new();
         h.insert(headers::FORWARDED, HeaderValue::from_static("for=9.9.9.9"));
-        h.insert(headers::X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        h.insert(
+            headers::X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4"),
+        );
         forwarded_shim(&mut h);
         assert_eq!(h.get(headers::FORWARDED).unwrap(), "for=9.9.9.9");
         let mut h = HeaderMap::new();
-        h.insert(headers::X_FORWARDED_HOST, HeaderValue::from_static("example.com"));
+        h.insert(
+            headers::X_FORWARDED_HOST,
+            HeaderValue::from_static("example.com"),
+        );
         forwarded_shim(&mut h);
         assert!(!h.contains_key(headers::FORWARDED));
     }
@@ -405,6 +469,9 @@ mod tests {
         #[derive(Debug, thiserror::Error)]
         #[error("tcp connect error")]
         struct Outer(#[source] std::io::Error);
-        assert_eq!(error_chain(&Outer(io)), "tcp connect error: connection refused");
+        assert_eq!(
+            error_chain(&Outer(io)),
+            "tcp connect error: connection refused"
+        );
     }
 }

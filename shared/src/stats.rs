@@ -57,7 +57,9 @@ struct Window {
 impl Window {
     /// Adds the area under the concurrency curve since the last change.
     fn advance(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last_change).as_secs_f64();
+        let elapsed = now
+            .saturating_duration_since(self.last_change)
+            .as_secs_f64();
         if elapsed > 0.0 {
             self.weighted += self.in_flight as f64 * elapsed;
             self.proxied_weighted += self.proxied_in_flight as f64 * elapsed;
@@ -99,7 +101,9 @@ impl ConcurrencyRecorder {
     fn lock(&self) -> MutexGuard<'_, Window> {
         // A panic while holding this lock leaves only plain numbers behind, which are
         // still usable, so poisoning is ignored rather than spread to every request.
-        self.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.window
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts a request as arrived; the returned guard counts its departure when dropped,
@@ -115,7 +119,10 @@ impl ConcurrencyRecorder {
             w.proxied_requests += 1;
         }
         drop(w);
-        InFlight { recorder: Arc::clone(self), proxied }
+        InFlight {
+            recorder: Arc::clone(self),
+            proxied,
+        }
     }
 
     fn depart(&self, proxied: bool) {
@@ -231,7 +238,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn counts_are_per_second_of_the_period() {
-        let r = WindowReport { request_count: 10, proxied_request_count: 4, ..Default::default() };
+        let r = WindowReport {
+            request_count: 10,
+            proxied_request_count: 4,
+            ..Default::default()
+        };
         let stat = r.to_stat("p", Duration::from_secs(2), Duration::ZERO);
         assert_eq!(stat.request_count, 5.0);
         assert_eq!(stat.proxied_request_count, 2.0);

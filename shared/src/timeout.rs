@@ -38,7 +38,11 @@ impl Timeouts {
     /// Seconds as Knative configures them, where 0 means off.
     pub fn from_secs(total: u64, response_start: u64, idle: u64) -> Self {
         let on = |s: u64| (s > 0).then(|| Duration::from_secs(s));
-        Self { total: on(total), response_start: on(response_start), idle: on(idle) }
+        Self {
+            total: on(total),
+            response_start: on(response_start),
+            idle: on(idle),
+        }
     }
 
     /// The earliest deadline that applies before the first byte is written.
@@ -57,7 +61,9 @@ impl Timeouts {
         head: F,
     ) -> Result<F::Output, TimedOut> {
         match self.head_deadline(started) {
-            Some(deadline) => tokio::time::timeout_at(deadline, head).await.map_err(|_| TimedOut),
+            Some(deadline) => tokio::time::timeout_at(deadline, head)
+                .await
+                .map_err(|_| TimedOut),
             None => Ok(head.await),
         }
     }
@@ -121,12 +127,10 @@ where
         }
         if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
             match &frame {
-                Some(Ok(f)) if f.is_data() => {
-                    // Moving a timer on every chunk would cost a timer-wheel update per
-                    // frame; remembering the instant and re-arming lazily is enough.
-                    if this.idle.is_some() {
-                        *this.last_write = Instant::now();
-                    }
+                // Moving a timer on every chunk would cost a timer-wheel update per
+                // frame; remembering the instant and re-arming lazily is enough.
+                Some(Ok(f)) if f.is_data() && this.idle.is_some() => {
+                    *this.last_write = Instant::now();
                 }
                 None => *this.state = State::Done,
                 _ => {}
@@ -137,10 +141,13 @@ where
             Some(sleep) => sleep.poll(cx).is_ready(),
             None => false,
         };
-        let idle_fired = !total_fired && poll_idle(this.idle.as_mut(), cx, *this.last_write, *this.idle_after);
+        let idle_fired =
+            !total_fired && poll_idle(this.idle.as_mut(), cx, *this.last_write, *this.idle_after);
         if total_fired || idle_fired {
             *this.state = State::TimedOut;
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(TIMEOUT_BODY.as_bytes())))));
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                TIMEOUT_BODY.as_bytes(),
+            )))));
         }
         Poll::Pending
     }
@@ -203,7 +210,10 @@ mod tests {
         pub struct Rx(pub tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>);
         impl futures_util::Stream for Rx {
             type Item = Result<Frame<Bytes>, Infallible>;
-            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            fn poll_next(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Self::Item>> {
                 self.0.poll_recv(cx)
             }
         }
@@ -220,7 +230,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn head_times_out() {
         let t = Timeouts::from_secs(0, 2, 0);
-        let r = t.before_first_byte(Instant::now(), std::future::pending::<()>()).await;
+        let r = t
+            .before_first_byte(Instant::now(), std::future::pending::<()>())
+            .await;
         assert_eq!(r, Err(TimedOut));
         let ok = t.before_first_byte(Instant::now(), async { 7 }).await;
         assert_eq!(ok, Ok(7));
@@ -231,7 +243,9 @@ mod tests {
         let t = Timeouts::from_secs(5, 0, 0);
         let (tx, inner) = channel_body();
         let mut body = std::pin::pin!(t.body(Instant::now(), inner));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .unwrap();
         let f = body.as_mut().frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "first");
         // Nothing more arrives; the total deadline passes.
@@ -244,13 +258,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_deadline_moves_with_each_write() {
-        let t = Timeouts { idle: Some(Duration::from_secs(2)), ..Default::default() };
+        let t = Timeouts {
+            idle: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
         let (tx, inner) = channel_body();
         let mut body = std::pin::pin!(t.body(Instant::now(), inner));
         let writer = tokio::spawn(async move {
             for _ in 0..5 {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.unwrap();
+                tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .unwrap();
             }
             // Then stay silent past the idle timeout, keeping the sender alive.
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -270,7 +289,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_finishes_in_time_is_untouched() {
         let t = Timeouts::from_secs(5, 0, 1);
-        let body = Box::pin(t.body(Instant::now(), http_body_util::Full::new(Bytes::from_static(b"all"))));
+        let body = Box::pin(t.body(
+            Instant::now(),
+            http_body_util::Full::new(Bytes::from_static(b"all")),
+        ));
         let out = body.collect().await.unwrap().to_bytes();
         assert_eq!(out, "all");
     }
