@@ -14,7 +14,7 @@ use thaw_shared::duration::parse_duration;
 use thaw_shared::probe::{parse_probes, ProbeSpec};
 use thaw_shared::timeout::Timeouts;
 
-use crate::tls::{TlsVersion, DEFAULT_CERT_PATH, DEFAULT_KEY_PATH};
+use thaw_shared::tls::{TlsVersion, DEFAULT_CERT_PATH, DEFAULT_KEY_PATH};
 
 /// One environment variable: name, whether Knative always sets it, default, meaning.
 pub struct Var {
@@ -224,7 +224,7 @@ impl Env<'_> {
         self.optional(var)
             .map(|v| {
                 v.parse()
-                    .map_err(|e: crate::tls::TlsError| ConfigError::Invalid {
+                    .map_err(|e: thaw_shared::tls::TlsError| ConfigError::Invalid {
                         var,
                         problem: e.to_string(),
                     })

@@ -8,7 +8,6 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod server;
-pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use std::time::Duration;
 use thaw_shared::breaker::Breaker;
 use thaw_shared::drain::{Drainer, UpgradeTracker};
 use thaw_shared::probe::{Prober, ProberOptions};
-use thaw_shared::proxy::{Upstream, UpstreamSettings};
+use thaw_shared::proxy::{Dial, Upstream, UpstreamSettings};
 use thaw_shared::stats::ConcurrencyRecorder;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -26,8 +25,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::Config;
 use crate::metrics::{AutoscalerStats, UserMetrics};
-use crate::server::{State, Transport};
-use crate::tls::{certs_present, CertReloader, TlsSettings};
+use crate::server::State;
+use thaw_shared::serve::{self, Transport};
+use thaw_shared::tls::{self, certs_present, CertReloader, TlsSettings};
 
 /// How often a `Stat` is cut for the autoscaler.
 pub const REPORTING_PERIOD: Duration = Duration::from_secs(1);
@@ -70,7 +70,7 @@ pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
         stats: Arc::new(ConcurrencyRecorder::new()),
         breaker: (cc > 0).then(|| Arc::new(Breaker::new(cc))),
         upstream: Upstream::new(UpstreamSettings {
-            addr: SocketAddr::from(([127, 0, 0, 1], config.user_port)),
+            dial: Dial::Fixed(SocketAddr::from(([127, 0, 0, 1], config.user_port))),
             max_idle: if cc > 0 { cc } else { 1000 },
             idle_timeout: Duration::from_secs(90),
         }),
@@ -111,7 +111,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let metrics = bind(&config, "metrics", config.metrics_port).await?;
     let user_metrics = bind(&config, "user-metrics", config.user_metrics_port).await?;
 
-    let builder = Arc::new(server::http_builder(&config));
+    let builder = Arc::new(serve::http_builder(config.read_header_timeout));
     let (stop_traffic, traffic_stopped) = watch::channel(false);
     let (stop_aux, aux_stopped) = watch::channel(false);
 
@@ -122,7 +122,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let ip = ip.clone();
         async move { server::handle(&s, &ip, req).await }
     };
-    traffic.push(tokio::spawn(server::serve(
+    traffic.push(tokio::spawn(serve::serve(
         serving,
         Transport::Plain,
         Arc::clone(&builder),
@@ -131,7 +131,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     )));
     if let Some((listener, certs)) = tls {
         certs.spawn_watcher(CERT_POLL);
-        traffic.push(tokio::spawn(server::serve(
+        traffic.push(tokio::spawn(serve::serve(
             listener,
             Transport::Tls(certs),
             Arc::clone(&builder),
@@ -142,7 +142,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let mut aux = Vec::new();
     let s = Arc::clone(&state);
-    aux.push(tokio::spawn(server::serve(
+    aux.push(tokio::spawn(serve::serve(
         admin,
         Transport::Plain,
         Arc::clone(&builder),
@@ -153,7 +153,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         },
     )));
     let s = Arc::clone(&state);
-    aux.push(tokio::spawn(server::serve(
+    aux.push(tokio::spawn(serve::serve(
         metrics,
         Transport::Plain,
         Arc::clone(&builder),
@@ -164,7 +164,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         },
     )));
     let s = Arc::clone(&state);
-    aux.push(tokio::spawn(server::serve(
+    aux.push(tokio::spawn(serve::serve(
         user_metrics,
         Transport::Plain,
         Arc::clone(&builder),

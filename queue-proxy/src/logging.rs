@@ -1,6 +1,4 @@
-//! JSON log lines on stdout, at the level Knative configures (`RUST_LOG` overrides it).
-
-use tracing_subscriber::EnvFilter;
+//! Logging at the level Knative configures (`RUST_LOG` overrides it).
 
 /// Maps Knative's zap level names onto tracing's.
 fn level_from_knative(level: &str) -> &'static str {
@@ -13,14 +11,5 @@ fn level_from_knative(level: &str) -> &'static str {
 }
 
 pub fn init(knative_level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(level_from_knative(knative_level)));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .init();
+    thaw_shared::logging::init(level_from_knative(knative_level));
 }

@@ -1,18 +1,12 @@
 //! The queue-proxy's listeners and the user-traffic stack, assembled in one place and in
 //! the order of CONTRACT §1.3.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use thaw_shared::breaker::Breaker;
 use thaw_shared::drain::{Drainer, UpgradeTracker};
 use thaw_shared::headers;
@@ -20,17 +14,10 @@ use thaw_shared::probe::Prober;
 use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{RequestGuard, ResponseBody};
-use crate::config::Config;
 use crate::metrics::{AutoscalerStats, LogInfo, UserMetrics};
-use crate::tls::CertReloader;
-
-/// Largest request head accepted; beyond it the client gets `431`.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Everything the request path reads, shared by all connections.
 pub struct State {
@@ -140,7 +127,7 @@ pub async fn handle(
             if let Some(record) = guard.record.as_mut() {
                 record.status(parts.status);
             }
-            return Response::from_parts(parts, ResponseBody::Proxied { body, guard });
+            return Response::from_parts(parts, ResponseBody::proxied(body, guard));
         }
         Ok(Err(Refused::Full(full))) => {
             state.metrics.breaker_rejected();
@@ -277,97 +264,4 @@ pub async fn admin(state: &State, req: &Request<Incoming>) -> Response<ResponseB
     }
     state.drainer.wait_for_drain().await;
     local(StatusCode::OK, ResponseBody::empty())
-}
-
-/// The HTTP/1.1 + h2c server settings shared by every listener.
-pub fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.read_header_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
-    builder
-}
-
-/// Where a listener's connections come from.
-pub enum Transport {
-    Plain,
-    Tls(CertReloader),
-}
-
-/// Accepts connections until `stop` turns true, then lets open connections finish
-/// their in-flight requests before returning.
-pub async fn serve<F, Fut>(
-    listener: TcpListener,
-    transport: Transport,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    mut stop: watch::Receiver<bool>,
-    handler: F,
-) where
-    F: Fn(&HeaderValue, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Running out of file descriptors must not end the server: back off briefly.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let client_ip = client_ip_header(peer);
-        let service = hyper::service::service_fn(move |req| {
-            let fut = handler(&client_ip, req);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        match &transport {
-            Transport::Plain => {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                tokio::spawn(graceful.watch(conn));
-            }
-            Transport::Tls(certs) => {
-                let acceptor = certs.acceptor();
-                let builder = Arc::clone(&builder);
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match acceptor.accept(stream).await {
-                        Ok(tls) => tls,
-                        Err(e) => {
-                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                            return;
-                        }
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .into_owned();
-                    let _ = watcher.watch(conn).await;
-                });
-            }
-        }
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-/// The client address as `X-Forwarded-For` wants it, rendered once per connection.
-pub fn client_ip_header(peer: SocketAddr) -> HeaderValue {
-    HeaderValue::from_str(&peer.ip().to_string())
-        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }

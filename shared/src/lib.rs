@@ -3,12 +3,16 @@
 //! three request timeouts, readiness probes and the drainer.
 #![forbid(unsafe_code)]
 
+pub mod body;
 pub mod breaker;
 pub mod drain;
 pub mod duration;
 pub mod headers;
+pub mod logging;
 pub mod probe;
 pub mod proto;
 pub mod proxy;
+pub mod serve;
 pub mod stats;
 pub mod timeout;
+pub mod tls;

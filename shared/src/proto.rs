@@ -125,6 +125,21 @@ mod tests {
         }
     }
 
+    /// The vectors are copied into the crate so it builds on its own; when the project's
+    /// shared folder sits beside the checkout (as in CI), the copy must match it.
+    #[test]
+    fn vector_copy_matches_the_shared_testdata() {
+        let original = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/testdata/knative-wire/vectors.txt");
+        match std::fs::read_to_string(&original) {
+            Ok(text) => assert_eq!(
+                text, VECTORS,
+                "shared/tests/knative-wire-vectors.txt is stale"
+            ),
+            Err(e) => eprintln!("skipping: {} not readable: {e}", original.display()),
+        }
+    }
+
     #[test]
     fn every_vector_encodes_and_decodes_byte_for_byte() {
         let mut seen = 0;

@@ -26,13 +26,22 @@ use crate::headers;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Dials one fixed address for every request.
+/// Which address a connection goes to.
 #[derive(Debug, Clone, Copy)]
-pub struct FixedConnector {
-    addr: SocketAddr,
+pub enum Dial {
+    /// Always this address, whatever the request's authority (the queue-proxy's app).
+    Fixed(SocketAddr),
+    /// The request URI's authority, which must be an `ip:port` (the activator's pods).
+    Authority,
 }
 
-impl tower_service::Service<Uri> for FixedConnector {
+/// Dials per [`Dial`]; never resolves names, since every upstream here is an IP.
+#[derive(Debug, Clone, Copy)]
+pub struct Connector {
+    dial: Dial,
+}
+
+impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<TcpStream>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
@@ -41,11 +50,22 @@ impl tower_service::Service<Uri> for FixedConnector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let addr = self.addr;
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let addr = match self.dial {
+            Dial::Fixed(addr) => Ok(addr),
+            Dial::Authority => uri
+                .authority()
+                .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("not an ip:port upstream: {uri}"),
+                    )
+                }),
+        };
         // One allocation per new connection, not per request: the pool reuses them.
         Box::pin(async move {
-            let stream = TcpStream::connect(addr).await?;
+            let stream = TcpStream::connect(addr?).await?;
             // Small responses must leave at once, not wait for Nagle.
             stream.set_nodelay(true)?;
             Ok(TokioIo::new(stream))
@@ -90,20 +110,19 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// Settings of the pooled client.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamSettings {
-    pub addr: SocketAddr,
+    pub dial: Dial,
     /// Idle keep-alive connections kept: Knative sizes this to the concurrency (1000 when
     /// unlimited).
     pub max_idle: usize,
     pub idle_timeout: Duration,
 }
 
-/// A pooled HTTP/1.1 + h2c client bound to one upstream.
+/// A pooled HTTP/1.1 + h2c client, bound to one upstream or dialing per request.
 #[derive(Debug, Clone)]
 pub struct Upstream<B> {
-    http1: Client<FixedConnector, B>,
-    http2: Client<FixedConnector, B>,
-    addr: SocketAddr,
-    authority: Authority,
+    http1: Client<Connector, B>,
+    http2: Client<Connector, B>,
+    fixed: Option<(SocketAddr, Authority)>,
 }
 
 impl<B> Upstream<B>
@@ -112,8 +131,8 @@ where
     B::Error: Into<BoxError>,
 {
     pub fn new(settings: UpstreamSettings) -> Self {
-        let connector = FixedConnector {
-            addr: settings.addr,
+        let connector = Connector {
+            dial: settings.dial,
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -126,34 +145,59 @@ where
             .http2_only(true)
             .http2_adaptive_window(true)
             .build(connector);
-        let authority = match Authority::try_from(settings.addr.to_string().as_str()) {
-            Ok(a) => a,
-            // A SocketAddr always renders as a valid authority.
-            Err(_) => Authority::from_static("127.0.0.1"),
+        let fixed = match settings.dial {
+            Dial::Fixed(addr) => Some((addr, authority_of(addr))),
+            Dial::Authority => None,
         };
         Self {
             http1,
             http2,
-            addr: settings.addr,
-            authority,
+            fixed,
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Sends a request that [`prepare_request`] already cleaned, returning the response
-    /// with its hop-by-hop headers removed. Upgrades are spliced in the background and
-    /// tracked by `upgrades`.
+    /// Sends a request that [`prepare_request`] already cleaned to the fixed upstream. The
+    /// app sees the client's own `Host` / `:authority`.
     pub async fn forward(
         &self,
+        req: Request<B>,
+        upgrades: &UpgradeTracker,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let Some((addr, authority)) = &self.fixed else {
+            return Err(ProxyError::Connect {
+                addr: unspecified(),
+                reason: "no fixed upstream".into(),
+            });
+        };
+        self.send(*addr, authority.clone(), false, req, upgrades)
+            .await
+    }
+
+    /// Sends a request to `addr`, which also becomes the request's authority (the
+    /// activator moved the client's `Host` to `K-Original-Host` already).
+    pub async fn forward_to(
+        &self,
+        addr: SocketAddr,
+        req: Request<B>,
+        upgrades: &UpgradeTracker,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        self.send(addr, authority_of(addr), true, req, upgrades)
+            .await
+    }
+
+    /// Returns the response with its hop-by-hop headers removed. Upgrades are spliced in
+    /// the background and tracked by `upgrades`.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        authority: Authority,
+        force_authority: bool,
         mut req: Request<B>,
         upgrades: &UpgradeTracker,
     ) -> Result<Response<Incoming>, ProxyError> {
         let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
         let h2 = req.version() == Version::HTTP_2;
-        self.set_target(&mut req, h2);
+        set_target(&mut req, h2, authority, force_authority);
         let result = if h2 {
             self.http2.request(req).await
         } else {
@@ -162,15 +206,9 @@ where
         let mut resp = result.map_err(|e| {
             let reason = error_chain(&e);
             if e.is_connect() {
-                ProxyError::Connect {
-                    addr: self.addr,
-                    reason,
-                }
+                ProxyError::Connect { addr, reason }
             } else {
-                ProxyError::Upstream {
-                    addr: self.addr,
-                    reason,
-                }
+                ProxyError::Upstream { addr, reason }
             }
         })?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -195,41 +233,58 @@ where
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
     }
+}
 
-    /// Points the request at the upstream: an absolute URI for the pool, HTTP/1.1 or h2.
-    fn set_target(&self, req: &mut Request<B>, h2: bool) {
-        let uri = std::mem::take(req.uri_mut());
-        let mut parts = uri.into_parts();
-        parts.scheme = Some(Scheme::HTTP);
-        if h2 {
-            // HTTP/2 carries the host as `:authority`; a `Host` header set upstream of
-            // here (K-Original-Host) wins, as Go's proxy sends `req.Host`.
-            if let Some(host) = req.headers_mut().remove(HOST) {
-                if let Ok(a) = Authority::try_from(host.as_bytes()) {
-                    parts.authority = Some(a);
-                }
+fn authority_of(addr: SocketAddr) -> Authority {
+    // A SocketAddr always renders as a valid authority.
+    Authority::try_from(addr.to_string().as_str())
+        .unwrap_or_else(|_| Authority::from_static("0.0.0.0"))
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// Points the request at the upstream: an absolute URI for the pool, HTTP/1.1 or h2.
+fn set_target<B>(req: &mut Request<B>, h2: bool, authority: Authority, force_authority: bool) {
+    let uri = std::mem::take(req.uri_mut());
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if h2 && !force_authority {
+        // HTTP/2 carries the host as `:authority`; a `Host` header set upstream of
+        // here (K-Original-Host) wins, as Go's proxy sends `req.Host`.
+        if let Some(host) = req.headers_mut().remove(HOST) {
+            if let Ok(a) = Authority::try_from(host.as_bytes()) {
+                parts.authority = Some(a);
             }
-            if parts.authority.is_none() {
-                parts.authority = Some(self.authority.clone());
-            }
-        } else {
-            parts.authority = Some(self.authority.clone());
-            *req.version_mut() = Version::HTTP_11;
         }
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        if parts.authority.is_none() {
+            parts.authority = Some(authority);
         }
-        // Every part is set and individually valid, so this cannot fail; keep the default
-        // URI rather than panic if it ever does.
-        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+    } else {
+        parts.authority = Some(authority);
     }
+    if !h2 {
+        *req.version_mut() = Version::HTTP_11;
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    // Every part is set and individually valid, so this cannot fail; keep the default
+    // URI rather than panic if it ever does.
+    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
 }
 
 /// True for an HTTP/1.1 `Connection: upgrade` + `Upgrade: …` request.
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(UPGRADE)
-        && connection_has_token(req.headers(), b"upgrade")
+    is_upgrade(req.version(), req.headers())
+}
+
+/// As [`is_upgrade_request`], from a request's version and headers.
+pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(UPGRADE)
+        && connection_has_token(headers, b"upgrade")
 }
 
 fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {

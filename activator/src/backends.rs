@@ -1,0 +1,224 @@
+//! Which of a revision's pods may take traffic (CONTRACT §2.4). A pod is used only after
+//! its queue-proxy answers the activator's probe; while requests wait for the revision,
+//! pods that are not ready yet are probed every few milliseconds so a pod is picked up
+//! within ~10 ms of becoming ready ([beyond]; Knative probes every 200 ms).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use thaw_shared::headers;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use crate::throttler::Throttler;
+
+/// How often a not-yet-ready pod is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSchedule {
+    /// While requests are waiting for the revision.
+    pub eager: Duration,
+    /// Otherwise (Knative's pace).
+    pub idle: Duration,
+    /// One probe attempt.
+    pub timeout: Duration,
+}
+
+impl Default for ProbeSchedule {
+    fn default() -> Self {
+        Self {
+            eager: Duration::from_millis(2),
+            idle: Duration::from_millis(200),
+            timeout: Duration::from_millis(300),
+        }
+    }
+}
+
+/// Why a pod did not pass its probe.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("answered {0}")]
+    Status(StatusCode),
+    #[error("answered with an unexpected body")]
+    Body,
+    #[error("timed out")]
+    Timeout,
+}
+
+/// The activator's probe of a queue-proxy: `GET /healthz` with `K-Network-Probe: queue`;
+/// ready means `200` with body exactly `queue`.
+pub async fn probe_pod(addr: SocketAddr) -> Result<(), ProbeError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(ProbeError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = Request::get("/healthz")
+        .header(http::header::HOST, addr.to_string())
+        .header(headers::K_NETWORK_PROBE, headers::PROBE_QUEUE)
+        .header(http::header::USER_AGENT, headers::ACTIVATOR_PROBE_UA)
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| ProbeError::Body)?;
+    let result = async {
+        let resp = sender.send_request(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(ProbeError::Status(resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), 64)
+            .collect()
+            .await
+            .map_err(|_| ProbeError::Body)?;
+        if body.to_bytes() != headers::PROBE_QUEUE.as_bytes() {
+            return Err(ProbeError::Body);
+        }
+        Ok(())
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+struct Pod {
+    ready: bool,
+    prober: Option<JoinHandle<()>>,
+}
+
+struct Inner {
+    pods: Mutex<HashMap<SocketAddr, Pod>>,
+    throttler: Arc<Throttler>,
+    schedule: ProbeSchedule,
+}
+
+/// The pods of one revision and their readiness; feeds the revision's throttler.
+#[derive(Clone)]
+pub struct Backends {
+    inner: Arc<Inner>,
+}
+
+impl Backends {
+    pub fn new(throttler: Arc<Throttler>, schedule: ProbeSchedule) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pods: Mutex::new(HashMap::new()),
+                throttler,
+                schedule,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, Pod>> {
+        self.inner.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The platform's current pod list: new pods start being probed, vanished pods are
+    /// dropped at once (requests already sent to them finish on their own).
+    pub fn set_pods(&self, pods: &[SocketAddr]) {
+        let mut map = self.lock();
+        map.retain(|addr, pod| {
+            let keep = pods.contains(addr);
+            if !keep {
+                if let Some(task) = pod.prober.take() {
+                    task.abort();
+                }
+            }
+            keep
+        });
+        for addr in pods {
+            if !map.contains_key(addr) {
+                let prober = self.spawn_prober(*addr);
+                map.insert(
+                    *addr,
+                    Pod {
+                        ready: false,
+                        prober: Some(prober),
+                    },
+                );
+            }
+        }
+        self.publish(&map);
+    }
+
+    /// A request could not connect to `addr`: take it out of rotation and probe it again.
+    pub fn unreachable(&self, addr: SocketAddr) {
+        let mut map = self.lock();
+        let Some(pod) = map.get_mut(&addr) else {
+            return;
+        };
+        if !pod.ready {
+            return;
+        }
+        pod.ready = false;
+        pod.prober = Some(self.spawn_prober(addr));
+        self.publish(&map);
+    }
+
+    pub fn ready(&self) -> usize {
+        self.lock().values().filter(|p| p.ready).count()
+    }
+
+    /// Stops probing; the revision is gone.
+    pub fn shutdown(&self) {
+        for (_, mut pod) in self.lock().drain() {
+            if let Some(task) = pod.prober.take() {
+                task.abort();
+            }
+        }
+    }
+
+    fn publish(&self, map: &HashMap<SocketAddr, Pod>) {
+        let mut ready: Vec<SocketAddr> = map
+            .iter()
+            .filter(|(_, p)| p.ready)
+            .map(|(a, _)| *a)
+            .collect();
+        ready.sort_unstable();
+        self.inner.throttler.update_pods(ready);
+    }
+
+    fn spawn_prober(&self, addr: SocketAddr) -> JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(probe_until_ready(weak, addr))
+    }
+}
+
+async fn probe_until_ready(inner: Weak<Inner>, addr: SocketAddr) {
+    let (throttler, schedule) = match inner.upgrade() {
+        Some(i) => (Arc::clone(&i.throttler), i.schedule),
+        None => return,
+    };
+    let mut waiters = throttler.subscribe_waiters();
+    loop {
+        match tokio::time::timeout(schedule.timeout, probe_pod(addr)).await {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => tracing::trace!(%addr, error = %e, "pod not ready"),
+            Err(_) => tracing::trace!(%addr, "pod probe timed out"),
+        }
+        if throttler.has_waiters() {
+            tokio::time::sleep(schedule.eager).await;
+        } else {
+            // Sleep at Knative's pace, but wake as soon as requests start waiting.
+            let _ = tokio::time::timeout(schedule.idle, waiters.changed()).await;
+        }
+    }
+    let Some(inner) = inner.upgrade() else {
+        return;
+    };
+    let backends = Backends { inner };
+    let mut map = backends.lock();
+    if let Some(pod) = map.get_mut(&addr) {
+        pod.ready = true;
+        pod.prober = None;
+        tracing::debug!(%addr, "pod ready");
+        backends.publish(&map);
+    }
+}

@@ -1,0 +1,144 @@
+//! The activator's command line: flags with environment fallbacks. Every flag is
+//! documented in `--help`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use thaw_shared::duration::parse_duration;
+
+/// Which platform revisions and pods come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlatformKind {
+    /// One machine, no cluster: revisions from a YAML file (`--config`).
+    Local,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `64MiB`, `512KiB`, `1GiB`, `1000000` (bytes).
+fn bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("expected a size like 64MiB, got {s:?}"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        _ => return Err(format!("expected a size like 64MiB, got {s:?}")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Thaw's activator: buffers requests for revisions scaled to zero, asks for capacity, and
+/// balances requests onto ready pods.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "activator", version, about, long_about = None)]
+pub struct Config {
+    /// Where revisions and pods come from.
+    #[arg(long, env = "THAW_PLATFORM", value_enum, default_value_t = PlatformKind::Local)]
+    pub platform: PlatformKind,
+
+    /// The local platform's YAML file of revisions (see deploy/local/).
+    #[arg(long, env = "THAW_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address every listener binds.
+    #[arg(long, env = "THAW_LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+
+    /// Port for user traffic: HTTP/1.1 and h2c.
+    #[arg(long, env = "THAW_HTTP_PORT", default_value_t = 8012)]
+    pub http_port: u16,
+
+    /// Port for h2c traffic (HTTP/1.1 is accepted there too).
+    #[arg(long, env = "THAW_H2C_PORT", default_value_t = 8013)]
+    pub h2c_port: u16,
+
+    /// Port for Prometheus metrics (`GET /metrics`).
+    #[arg(long, env = "THAW_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+
+    /// Knative autoscaler's websocket, e.g. ws://autoscaler.knative-serving.svc.cluster.local:8080/.
+    /// When set, load is reported there every second and readiness fails while it is
+    /// not connected.
+    #[arg(long, env = "THAW_AUTOSCALER_URL")]
+    pub autoscaler_url: Option<String>,
+
+    /// This activator's name, sent as the Stat's pod_name.
+    #[arg(long, env = "POD_NAME", default_value = "activator")]
+    pub pod_name: String,
+
+    /// This activator's IP, which places it among the activators for subsetting.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+
+    /// Cluster domain for `<revision>.<namespace>.svc.<domain>` hosts.
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Requests that may wait per revision; beyond it, 503 with Retry-After.
+    #[arg(long, env = "THAW_MAX_WAITING", default_value_t = 10_000)]
+    pub max_waiting: usize,
+
+    /// Body bytes that waiting requests of one revision may hold (64MiB, 512KiB, …);
+    /// beyond it, 503 with Retry-After. Bodies are streamed, never read whole.
+    #[arg(long, env = "THAW_BUFFER_BUDGET", default_value = "64MiB", value_parser = bytes)]
+    pub buffer_budget: u64,
+
+    /// After SIGTERM, keep serving this long (readiness failing) before stopping.
+    #[arg(long, env = "THAW_DRAIN_PERIOD", default_value = "45s", value_parser = duration)]
+    pub drain_period: Duration,
+
+    /// A client must send its request headers within this time.
+    #[arg(long, env = "THAW_READ_HEADER_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub read_header_timeout: Duration,
+
+    /// How often a not-yet-ready pod is probed while requests wait for its revision.
+    #[arg(long, env = "THAW_EAGER_PROBE_INTERVAL", default_value = "2ms", value_parser = duration)]
+    pub eager_probe_interval: Duration,
+
+    /// Runtime threads; 1 = single-threaded. Default: the CPUs available (cgroup aware).
+    #[arg(long, env = "THAW_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, env = "THAW_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_knative_ports() {
+        let c = Config::try_parse_from(["activator", "--config", "x.yaml"]).unwrap();
+        assert_eq!(
+            (c.http_port, c.h2c_port, c.metrics_port),
+            (8012, 8013, 9090)
+        );
+        assert_eq!(c.platform, PlatformKind::Local);
+        assert_eq!(c.max_waiting, 10_000);
+        assert_eq!(c.buffer_budget, 64 << 20);
+        assert_eq!(c.drain_period, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn bad_flags_are_rejected() {
+        assert!(Config::try_parse_from(["activator", "--http-port", "http"]).is_err());
+        assert!(Config::try_parse_from(["activator", "--platform", "mesos"]).is_err());
+        assert!(Config::try_parse_from(["activator", "--buffer-budget", "lots"]).is_err());
+        assert!(Config::try_parse_from(["activator", "--drain-period", "-1s"]).is_err());
+        assert_eq!(bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(bytes("7"), Ok(7));
+    }
+}

@@ -1,0 +1,220 @@
+//! Thaw's activator: sits in the ingress path of cold or busy revisions, buffers their
+//! requests with bounded memory, asks for capacity, and balances requests onto ready pods
+//! without ever sending a pod more than its concurrency.
+#![forbid(unsafe_code)]
+
+pub mod backends;
+pub mod config;
+pub mod metrics;
+pub mod platform;
+pub mod reporter;
+pub mod revision;
+pub mod server;
+pub mod throttler;
+
+pub use thaw_shared::logging;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thaw_shared::drain::UpgradeTracker;
+use thaw_shared::proxy::{Dial, Upstream, UpstreamSettings};
+use thaw_shared::serve::{self, Transport};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::backends::ProbeSchedule;
+use crate::config::{Config, PlatformKind};
+use crate::metrics::Metrics;
+use crate::platform::local::{LocalConfigError, LocalPlatform};
+use crate::platform::Platform;
+use crate::reporter::{Reporter, ReporterSettings, RevisionStats};
+use crate::revision::{Registry, RegistrySettings};
+use crate::server::State;
+use crate::throttler::ThrottlerSettings;
+
+/// Why the activator could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "--config is required with --platform local: a YAML file of revisions (see deploy/local/)"
+    )]
+    NoConfig,
+    #[error("{0}")]
+    LocalConfig(#[from] LocalConfigError),
+    #[error("cannot listen on {what} port {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+}
+
+impl RunError {
+    /// Errors in what the user gave, as opposed to the environment failing.
+    pub fn is_config(&self) -> bool {
+        matches!(self, RunError::NoConfig | RunError::LocalConfig(_))
+    }
+}
+
+/// Builds the platform the flags ask for.
+pub fn platform(config: &Config) -> Result<Arc<dyn Platform>, RunError> {
+    match config.platform {
+        PlatformKind::Local => {
+            let path = config.config.as_ref().ok_or(RunError::NoConfig)?;
+            Ok(Arc::new(LocalPlatform::from_file(path)?))
+        }
+    }
+}
+
+/// Builds the request-path state around a platform.
+pub fn build_state(config: &Config, platform: Arc<dyn Platform>) -> Result<Arc<State>, RunError> {
+    let metrics = Metrics::new()?;
+    let registry = Arc::new(Registry::new(
+        RegistrySettings {
+            throttler: ThrottlerSettings {
+                max_waiting: config.max_waiting,
+                max_waiting_body_bytes: config.buffer_budget,
+            },
+            probes: ProbeSchedule {
+                eager: config.eager_probe_interval,
+                ..ProbeSchedule::default()
+            },
+            own_ip: config.pod_ip,
+        },
+        metrics.clone(),
+    ));
+    let stats = Arc::new(RevisionStats::new());
+    let reporter = config.autoscaler_url.as_ref().map(|url| {
+        Reporter::spawn(
+            ReporterSettings::new(url.clone(), config.pod_name.clone()),
+            Arc::clone(&stats),
+        )
+    });
+    Ok(Arc::new(State {
+        registry,
+        platform,
+        stats,
+        reporter,
+        upstream: Upstream::new(UpstreamSettings {
+            dial: Dial::Authority,
+            max_idle: 1000,
+            idle_timeout: Duration::from_secs(90),
+        }),
+        upgrades: UpgradeTracker::default(),
+        draining: std::sync::atomic::AtomicBool::new(false),
+        cluster_domain: config.cluster_domain.clone(),
+        metrics,
+    }))
+}
+
+async fn bind(config: &Config, what: &'static str, port: u16) -> Result<TcpListener, RunError> {
+    let addr = SocketAddr::new(config.listen_address, port);
+    serve::bind(what, addr)
+        .await
+        .map_err(|source| RunError::Bind { what, addr, source })
+}
+
+/// Runs the activator on the platform the flags name until SIGTERM/SIGINT and its drain.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let platform = platform(&config)?;
+    run_with(config, platform).await
+}
+
+/// Runs the activator on a given platform (tests pass an in-memory one).
+pub async fn run_with(config: Config, platform: Arc<dyn Platform>) -> Result<(), RunError> {
+    let state = build_state(&config, Arc::clone(&platform))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+
+    let http = bind(&config, "http", config.http_port).await?;
+    let h2c = bind(&config, "h2c", config.h2c_port).await?;
+    let metrics = bind(&config, "metrics", config.metrics_port).await?;
+
+    // Platform updates are applied in one task, in order.
+    let mut updates = platform.subscribe();
+    let registry = Arc::clone(&state.registry);
+    let applier = tokio::spawn(async move {
+        while let Some(update) = updates.recv().await {
+            registry.apply(update);
+        }
+    });
+
+    let builder = Arc::new(serve::http_builder(config.read_header_timeout));
+    let (stop_traffic, traffic_stopped) = watch::channel(false);
+    let (stop_aux, aux_stopped) = watch::channel(false);
+    let s = Arc::clone(&state);
+    let handler = move |ip: &http::HeaderValue, req| {
+        let s = Arc::clone(&s);
+        let ip = ip.clone();
+        async move { server::handle(&s, &ip, req).await }
+    };
+    let traffic = [
+        tokio::spawn(serve::serve(
+            http,
+            Transport::Plain,
+            Arc::clone(&builder),
+            traffic_stopped.clone(),
+            handler.clone(),
+        )),
+        tokio::spawn(serve::serve(
+            h2c,
+            Transport::Plain,
+            Arc::clone(&builder),
+            traffic_stopped,
+            handler,
+        )),
+    ];
+    let s = Arc::clone(&state);
+    let metrics_server = tokio::spawn(serve::serve(
+        metrics,
+        Transport::Plain,
+        Arc::clone(&builder),
+        aux_stopped,
+        move |_: &http::HeaderValue, req| {
+            let resp = server::metrics(&s, &req);
+            async move { resp }
+        },
+    ));
+    tracing::info!(platform = platform.name(), "activator started");
+
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    tracing::info!(drain_period = ?config.drain_period, "signal received; draining");
+    state.draining.store(true, Ordering::Relaxed);
+    // A second signal means "now".
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        tracing::warn!("second signal; exiting at once");
+        std::process::exit(1);
+    });
+    tokio::time::sleep(config.drain_period).await;
+    tracing::info!("drain period over; finishing in-flight and buffered requests");
+    let _ = stop_traffic.send(true);
+    for t in traffic {
+        let _ = t.await;
+    }
+    if !state.upgrades.wait_closed(UpgradeTracker::GRACE).await {
+        tracing::warn!(
+            open = state.upgrades.open(),
+            "upgraded connections still open after the grace period"
+        );
+    }
+    applier.abort();
+    let _ = stop_aux.send(true);
+    let _ = metrics_server.await;
+    tracing::info!("drained");
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The activator's Prometheus metrics, per namespace and revision. Each revision resolves
+//! its label children once, so recording a request is a few atomic operations; gauges are
+//! sampled from the throttlers at scrape time.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::revision::RevisionId;
+
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// Latency buckets in milliseconds.
+const LATENCY_BUCKETS_MS: &[f64] = &[
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0,
+];
+
+/// Cold-start waits are longer: from a few ms (warm process) to minutes (image pulls).
+const COLD_START_BUCKETS_MS: &[f64] = &[
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    120000.0,
+];
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    cold_start: HistogramVec,
+    rejected: IntCounterVec,
+    waiting: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    ready_pods: IntGaugeVec,
+}
+
+/// The label children of one revision, resolved once.
+#[derive(Debug, Clone)]
+pub struct RevisionMetrics {
+    by_class: [prometheus::IntCounter; 6],
+    latency: prometheus::Histogram,
+    cold_start: prometheus::Histogram,
+    rejected: prometheus::IntCounter,
+}
+
+impl RevisionMetrics {
+    pub fn response(&self, status: http::StatusCode, elapsed: Duration) {
+        let class = (status.as_u16() / 100) as usize;
+        let index = if (1..=5).contains(&class) {
+            class - 1
+        } else {
+            5
+        };
+        self.by_class[index].inc();
+        self.latency.observe(elapsed.as_secs_f64() * 1000.0);
+    }
+
+    pub fn cold_start(&self, waited: Duration) {
+        self.cold_start.observe(waited.as_secs_f64() * 1000.0);
+    }
+
+    pub fn rejected(&self) {
+        self.rejected.inc();
+    }
+}
+
+/// Figures sampled from a revision at scrape time.
+pub struct RevisionGauges {
+    pub waiting: usize,
+    pub in_flight: usize,
+    pub ready_pods: usize,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let labels = ["namespace_name", "revision_name"];
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "activator_request_count",
+                "Requests answered, by response code class",
+            ),
+            &["namespace_name", "revision_name", "response_code_class"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "activator_request_latencies",
+                "Time from arrival to the end of the response, in milliseconds",
+            )
+            .buckets(LATENCY_BUCKETS_MS.to_vec()),
+            &labels,
+        )?;
+        let cold_start = HistogramVec::new(
+            HistogramOpts::new(
+                "activator_cold_start_wait_ms",
+                "Time a request waited for the revision's first ready pod, in milliseconds",
+            )
+            .buckets(COLD_START_BUCKETS_MS.to_vec()),
+            &labels,
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "activator_throttler_rejected_count",
+                "Requests refused with 503 because the revision's wait queue or byte budget was full",
+            ),
+            &labels,
+        )?;
+        let waiting = IntGaugeVec::new(
+            Opts::new(
+                "activator_requests_waiting",
+                "Requests waiting for a pod with a free slot",
+            ),
+            &labels,
+        )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "activator_requests_in_flight",
+                "Requests sent to a pod and not finished",
+            ),
+            &labels,
+        )?;
+        let ready_pods = IntGaugeVec::new(
+            Opts::new(
+                "activator_ready_pods",
+                "Pods that passed the activator's probe",
+            ),
+            &labels,
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(cold_start.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(waiting.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(ready_pods.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            latency,
+            cold_start,
+            rejected,
+            waiting,
+            in_flight,
+            ready_pods,
+        })
+    }
+
+    pub fn revision(&self, id: &RevisionId) -> RevisionMetrics {
+        let (ns, name) = (&*id.namespace, &*id.name);
+        RevisionMetrics {
+            by_class: CLASSES.map(|c| self.requests.with_label_values(&[ns, name, c])),
+            latency: self.latency.with_label_values(&[ns, name]),
+            cold_start: self.cold_start.with_label_values(&[ns, name]),
+            rejected: self.rejected.with_label_values(&[ns, name]),
+        }
+    }
+
+    /// Forgets a removed revision's series.
+    pub fn remove_revision(&self, id: &RevisionId) {
+        let (ns, name) = (&*id.namespace, &*id.name);
+        for c in CLASSES {
+            let _ = self.requests.remove_label_values(&[ns, name, c]);
+        }
+        for vec in [&self.latency, &self.cold_start] {
+            let _ = vec.remove_label_values(&[ns, name]);
+        }
+        let _ = self.rejected.remove_label_values(&[ns, name]);
+        for g in [&self.waiting, &self.in_flight, &self.ready_pods] {
+            let _ = g.remove_label_values(&[ns, name]);
+        }
+    }
+
+    /// Text exposition, after sampling every revision's gauges.
+    pub fn render<'a>(
+        &self,
+        revisions: impl Iterator<Item = (&'a RevisionId, RevisionGauges)>,
+    ) -> Vec<u8> {
+        for (id, g) in revisions {
+            let labels = [&*id.namespace, &*id.name];
+            let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.waiting
+                .with_label_values(&labels)
+                .set(as_i64(g.waiting));
+            self.in_flight
+                .with_label_values(&labels)
+                .set(as_i64(g.in_flight));
+            self.ready_pods
+                .with_label_values(&labels)
+                .set(as_i64(g.ready_pods));
+        }
+        let mut buf = Vec::with_capacity(8192);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        buf
+    }
+}

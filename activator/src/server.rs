@@ -1,0 +1,359 @@
+//! The activator's request stack, assembled in one place and in the order of CONTRACT
+//! §2.2, plus its metrics endpoint.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use thaw_shared::drain::UpgradeTracker;
+use thaw_shared::headers;
+use thaw_shared::proxy::{self, ProxyError, Upstream};
+use thaw_shared::stats::InFlight;
+use tokio::time::Instant;
+
+use crate::metrics::{Metrics, RevisionGauges};
+use crate::platform::Platform;
+use crate::reporter::{Reporter, RevisionStats};
+use crate::revision::{Registry, Revision};
+use crate::throttler::{PodPermit, ThrottleError};
+
+/// The body sent to pods: the client's, or nothing (which lets a request that could not
+/// connect be sent again to another pod).
+pub type OutboundBody = Either<Incoming, Empty<Bytes>>;
+
+/// The activator's response body.
+pub type ResponseBody = thaw_shared::body::ResponseBody<RequestGuard>;
+
+/// Body text for a request that timed out before its response started (CONTRACT §2.2).
+pub const TIMEOUT_BODY: &str = "activator request timeout";
+
+/// What a chunked request body may cost the buffer budget while it waits: the most the
+/// server reads ahead of the app.
+pub const CHUNKED_BODY_COST: u64 = 64 * 1024;
+
+/// How often a request whose connection to a pod failed may be tried on another pod.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Everything the request path reads.
+pub struct State {
+    pub registry: Arc<Registry>,
+    pub platform: Arc<dyn Platform>,
+    pub stats: Arc<RevisionStats>,
+    pub reporter: Option<Reporter>,
+    pub upstream: Upstream<OutboundBody>,
+    pub upgrades: UpgradeTracker,
+    pub draining: AtomicBool,
+    pub cluster_domain: String,
+    pub metrics: Metrics,
+}
+
+/// What a request holds until its response is over; fields drop in order.
+pub struct RequestGuard {
+    revision: Arc<Revision>,
+    started: Instant,
+    status: StatusCode,
+    _permit: Option<PodPermit>,
+    _in_flight: InFlight,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.revision
+            .metrics
+            .response(self.status, self.started.elapsed());
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::text(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::bytes(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The user-traffic stack, outermost first.
+pub async fn handle(
+    state: &Arc<State>,
+    client_ip: &HeaderValue,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    // 1. Kubelet probes ask whether this activator can take traffic at all.
+    if is_kubelet_probe(&req) {
+        return readiness(state);
+    }
+    // 2 + 3. Network probes from the ingress and the autoscaler are answered here.
+    if let Some(probe) = req.headers().get(headers::K_NETWORK_PROBE) {
+        return network_probe(state, probe, &req);
+    }
+    // 4. Which revision: unknown ones are 404.
+    let Some(revision) = state
+        .registry
+        .identify(req.headers(), req.uri(), &state.cluster_domain)
+    else {
+        return text(StatusCode::NOT_FOUND, "unknown revision");
+    };
+    let started = Instant::now();
+    // 5. Concurrency is reported for every request, waiting ones included: that is the
+    //    demand the autoscaler scales on.
+    let in_flight = state.stats.arrive(&revision.spec.id);
+    // 6. The revision's timeouts; the wait in the throttler counts.
+    let timeouts = revision.spec.timeouts;
+    let mut guard = RequestGuard {
+        revision: Arc::clone(&revision),
+        started,
+        status: StatusCode::OK,
+        _permit: None,
+        _in_flight: in_flight,
+    };
+    let head = throttle_and_proxy(state, &revision, client_ip, req, started);
+    let resp = match timeouts.before_first_byte(started, head).await {
+        Ok(Ok((resp, permit, cold_wait))) => {
+            let (mut parts, body) = resp.into_parts();
+            if let Some(waited) = cold_wait {
+                revision.metrics.cold_start(waited);
+                if let Ok(v) = HeaderValue::from_str(&waited.as_millis().to_string()) {
+                    parts.headers.insert(headers::THAW_COLD_START, v);
+                }
+            }
+            guard.status = parts.status;
+            guard._permit = Some(permit);
+            let body = timeouts.body(started, body);
+            return Response::from_parts(parts, ResponseBody::proxied(body, guard));
+        }
+        Ok(Err(Refused::Throttled(e))) => {
+            revision.metrics.rejected();
+            let mut resp = owned_text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+        Ok(Err(Refused::Upstream(e))) => {
+            tracing::warn!(revision = %revision.spec.id, error = %e, "pod unreachable");
+            owned_text(StatusCode::BAD_GATEWAY, e.to_string())
+        }
+        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
+    };
+    guard.status = resp.status();
+    resp
+}
+
+enum Refused {
+    Throttled(ThrottleError),
+    Upstream(ProxyError),
+}
+
+type Proxied = (Response<Incoming>, PodPermit, Option<Duration>);
+
+/// Waits for a pod with a free slot, then proxies; a request that could not connect and
+/// has no body is tried on another pod (nothing reached the first one).
+async fn throttle_and_proxy(
+    state: &State,
+    revision: &Revision,
+    client_ip: &HeaderValue,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Result<Proxied, Refused> {
+    let (mut parts, body) = req.into_parts();
+    rewrite_for_pod(&mut parts, client_ip);
+    let cost = body_cost(&parts, &body);
+    let cold = revision.throttler.ready_pods() == 0;
+    if cold {
+        state.platform.need_capacity(&revision.spec.id);
+    }
+    let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
+    let template = bodiless.then(|| clone_parts(&parts));
+    let mut outbound = Some(Request::from_parts(
+        parts,
+        if bodiless {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        },
+    ));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let permit = revision
+            .throttler
+            .acquire(cost)
+            .await
+            .map_err(Refused::Throttled)?;
+        let cold_wait = cold.then(|| started.elapsed());
+        let req = match outbound.take() {
+            Some(r) => r,
+            // Only requests with a template come round again (see below).
+            None => Request::from_parts(
+                clone_parts(template.as_ref().unwrap_or(&empty_parts())),
+                Either::Right(Empty::new()),
+            ),
+        };
+        let addr = permit.addr();
+        match state.upstream.forward_to(addr, req, &state.upgrades).await {
+            Ok(resp) => return Ok((resp, permit, cold_wait)),
+            Err(e) if e.is_connect() => {
+                revision.backends.unreachable(addr);
+                if template.is_none() || attempt >= CONNECT_ATTEMPTS {
+                    return Err(Refused::Upstream(e));
+                }
+                tracing::debug!(%addr, error = %e, "pod refused the connection; trying another");
+            }
+            Err(e) => return Err(Refused::Upstream(e)),
+        }
+    }
+}
+
+fn empty_parts() -> Parts {
+    Request::new(()).into_parts().0
+}
+
+/// CONTRACT §2.2 outbound rules: `Host` moves to `K-Original-Host`, the request is marked
+/// as coming from the activator, Knative routing and hop-by-hop headers go.
+fn rewrite_for_pod(parts: &mut Parts, client_ip: &HeaderValue) {
+    let headers = &mut parts.headers;
+    let host = headers.remove(HOST).or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = host {
+        headers.insert(headers::K_ORIGINAL_HOST, host);
+    }
+    headers.insert(
+        headers::K_PROXY_REQUEST,
+        HeaderValue::from_static(headers::PROXY_REQUEST_ACTIVATOR),
+    );
+    let knative: Vec<_> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("knative-serving-"))
+        .cloned()
+        .collect();
+    for k in knative {
+        headers.remove(k);
+    }
+    let upgrade = proxy::is_upgrade(parts.version, &parts.headers);
+    proxy::strip_hop_by_hop(&mut parts.headers, upgrade);
+    proxy::append_forwarded_for(&mut parts.headers, client_ip);
+}
+
+fn clone_parts(parts: &Parts) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+/// What a waiting request costs the byte budget: its declared length, or the read-ahead
+/// cap for a chunked body.
+fn body_cost(parts: &Parts, body: &Incoming) -> u64 {
+    if body.is_end_stream() {
+        return 0;
+    }
+    parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(CHUNKED_BODY_COST, |n| n.min(CHUNKED_BODY_COST))
+}
+
+fn is_kubelet_probe<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(headers::K_KUBELET_PROBE)
+        || req.headers().get(USER_AGENT).is_some_and(|ua| {
+            ua.as_bytes()
+                .starts_with(headers::KUBE_PROBE_UA_PREFIX.as_bytes())
+        })
+}
+
+/// CONTRACT §2.2.1: ready unless draining or cut off from the autoscaler.
+fn readiness(state: &State) -> Response<ResponseBody> {
+    if state.draining.load(Ordering::Relaxed) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "activator is draining");
+    }
+    if state.reporter.as_ref().is_some_and(|r| !r.is_connected()) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "not connected to the autoscaler",
+        );
+    }
+    text(StatusCode::OK, "ok")
+}
+
+/// CONTRACT §2.2.2–3: the ingress probe as in the queue-proxy; `activator` probes from
+/// the autoscaler; anything else is a client error.
+fn network_probe(
+    state: &State,
+    probe: &HeaderValue,
+    req: &Request<Incoming>,
+) -> Response<ResponseBody> {
+    match probe.as_bytes() {
+        b"probe" => {
+            if state.draining.load(Ordering::Relaxed) {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+            }
+            let Some(hash) = req.headers().get(headers::K_NETWORK_HASH) else {
+                return text(StatusCode::BAD_REQUEST, "missing K-Network-Hash header");
+            };
+            let mut resp = Response::new(ResponseBody::empty());
+            resp.headers_mut()
+                .insert(headers::K_NETWORK_HASH, hash.clone());
+            resp
+        }
+        v if v == headers::PROBE_ACTIVATOR.as_bytes() => {
+            text(StatusCode::OK, headers::PROBE_ACTIVATOR)
+        }
+        other => owned_text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unexpected probe header value: {:?}",
+                String::from_utf8_lossy(other)
+            ),
+        ),
+    }
+}
+
+/// The metrics port: Prometheus text.
+pub fn metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+    if req.uri().path() != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    let revisions = state.registry.all();
+    let body = state.metrics.render(revisions.iter().map(|r| {
+        (
+            &r.spec.id,
+            RevisionGauges {
+                waiting: r.throttler.waiting(),
+                in_flight: r.throttler.in_flight(),
+                ready_pods: r.throttler.ready_pods(),
+            },
+        )
+    }));
+    let mut resp = Response::new(ResponseBody::bytes(Bytes::from(body)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,89 @@
+//! The response body both binaries answer with: either a small local one (probes,
+//! errors) or an upstream's streamed body under the timeouts, carrying a guard `G` that is
+//! dropped the moment the stream ends (breaker slot, pod permit, in-flight count, latency).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+
+use crate::timeout::TimeoutBody;
+
+pin_project! {
+    #[project = ResponseBodyProj]
+    pub enum ResponseBody<G> {
+        Local { data: Option<Bytes> },
+        Proxied {
+            #[pin]
+            body: TimeoutBody<Incoming>,
+            guard: Option<G>,
+        },
+    }
+}
+
+impl<G> ResponseBody<G> {
+    pub fn empty() -> Self {
+        ResponseBody::Local { data: None }
+    }
+
+    pub fn text(text: &'static str) -> Self {
+        Self::bytes(Bytes::from_static(text.as_bytes()))
+    }
+
+    pub fn bytes(data: Bytes) -> Self {
+        ResponseBody::Local {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+
+    pub fn proxied(body: TimeoutBody<Incoming>, guard: G) -> Self {
+        ResponseBody::Proxied {
+            body,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<G> Body for ResponseBody<G> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ResponseBodyProj::Local { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
+            ResponseBodyProj::Proxied { body, guard } => {
+                let polled = body.poll_frame(cx);
+                if let Poll::Ready(Some(Err(_)) | None) = &polled {
+                    // The exchange is over: release what the request holds now rather
+                    // than whenever hyper gets around to dropping the body.
+                    guard.take();
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Local { data } => data.is_none(),
+            ResponseBody::Proxied { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Local { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseBody::Proxied { body, .. } => body.size_hint(),
+        }
+    }
+}
