@@ -1,0 +1,494 @@
+//! Builders for end-to-end tests and benches: the real `queue-proxy`, `activator` and test
+//! app binaries as child processes on 127.0.0.1 with ephemeral ports.
+//!
+//! This is test support: it panics with a clear message when something it starts
+//! misbehaves, which is what a test wants.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// Generous bound for anything that should happen "soon" on a busy 2-core machine.
+pub const EVENTUALLY: Duration = Duration::from_secs(15);
+
+/// Polls `check` until it returns true or [`EVENTUALLY`] passes.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The directory cargo put the workspace's binaries in (`target/debug` for tests, or
+/// wherever the running bench binary lives).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let dir = exe.parent().expect("executable has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("deps has a parent").to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
+/// A workspace binary by name, which must have been built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
+        path.display()
+    );
+    path
+}
+
+fn testapp_path() -> PathBuf {
+    bin("thaw-testapp")
+}
+
+/// The test app as a child process.
+pub struct App {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl App {
+    pub async fn start(args: &[&str]) -> App {
+        let mut child = Command::new(testapp_path())
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start thaw-testapp");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(EVENTUALLY, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let addr = line.strip_prefix("listening on ").unwrap().parse().unwrap();
+        // Keep draining stdout so the app never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        App { addr, child }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The app's own view of its concurrency.
+    pub async fn stats(&self) -> serde_json::Value {
+        let (_, _, body) = get(&self.url("/stats")).await;
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A free port that nothing listens on (for "app refuses connections").
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The environment Knative's controller gives a queue-proxy, pointed at `user_port`, with
+/// every port ephemeral and bound to loopback.
+pub fn knative_env(user_port: u16) -> HashMap<String, String> {
+    [
+        ("CONTAINER_CONCURRENCY", "0".to_owned()),
+        ("QUEUE_SERVING_PORT", "0".to_owned()),
+        ("QUEUE_SERVING_TLS_PORT", "0".to_owned()),
+        ("USER_PORT", user_port.to_string()),
+        ("REVISION_TIMEOUT_SECONDS", "300".to_owned()),
+        ("SERVING_LOGGING_CONFIG", String::new()),
+        ("SERVING_LOGGING_LEVEL", "info".to_owned()),
+        ("SERVING_NAMESPACE", "default".to_owned()),
+        ("SERVING_CONFIGURATION", "hello".to_owned()),
+        ("SERVING_REVISION", "hello-00001".to_owned()),
+        ("SERVING_POD", "hello-00001-deployment-abc".to_owned()),
+        ("SERVING_POD_IP", "127.0.0.1".to_owned()),
+        ("THAW_LISTEN_ADDRESS", "127.0.0.1".to_owned()),
+        ("THAW_ADMIN_PORT", "0".to_owned()),
+        ("THAW_METRICS_PORT", "0".to_owned()),
+        ("THAW_USER_METRICS_PORT", "0".to_owned()),
+        ("THAW_TLS_CERT_FILE", "/nonexistent/tls.crt".to_owned()),
+        ("THAW_TLS_KEY_FILE", "/nonexistent/tls.key".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// A running queue-proxy child process and the addresses it bound.
+pub struct QueueProxy {
+    pub serving: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub user_metrics: SocketAddr,
+    pub tls: Option<SocketAddr>,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl QueueProxy {
+    /// Starts a queue-proxy in front of `user_port` with `overrides` on top of
+    /// [`knative_env`].
+    pub async fn start(user_port: u16, overrides: &[(&str, &str)]) -> QueueProxy {
+        let mut env = knative_env(user_port);
+        for (k, v) in overrides {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        Self::start_with_env(env).await
+    }
+
+    pub async fn start_with_env(env: HashMap<String, String>) -> QueueProxy {
+        let mut child = Command::new(bin("queue-proxy"))
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start queue-proxy");
+        let stdout = child.stdout.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Arc::clone(&logs);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line.clone());
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut found: HashMap<String, SocketAddr> = HashMap::new();
+        let wanted = ["serving", "admin", "metrics", "user-metrics"];
+        while !wanted.iter().all(|w| found.contains_key(*w)) {
+            let line = tokio::time::timeout(EVENTUALLY, rx.recv())
+                .await
+                .expect("queue-proxy did not report its listeners in time")
+                .expect("queue-proxy exited before listening");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+            if v["message"] == "listening" {
+                let name = v["listener"].as_str().unwrap().to_owned();
+                found.insert(name, v["address"].as_str().unwrap().parse().unwrap());
+            }
+        }
+        QueueProxy {
+            serving: found["serving"],
+            admin: found["admin"],
+            metrics: found["metrics"],
+            user_metrics: found["user-metrics"],
+            tls: found.get("tls").copied(),
+            child,
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.serving, path)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("queue-proxy still running") as i32
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("queue-proxy did not exit")
+            .unwrap()
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// The user metrics text.
+    pub async fn user_metrics(&self) -> String {
+        let (_, _, body) = get(&format!("http://{}/metrics", self.user_metrics)).await;
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// The value of one sample of the user metrics, by metric name (labels ignored except
+    /// for an optional `label="value"` fragment to match).
+    pub async fn user_metric(&self, name: &str, fragment: &str) -> f64 {
+        metric_value(&self.user_metrics().await, name, fragment)
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, fragment: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(&format!("{name}{{")) && l.contains(fragment)
+                || l.starts_with(&format!("{name} "))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} {fragment} not found in:\n{text}"))
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn http1_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(
+    client: &HttpClient,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let resp = client.request(req).await.expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body failed").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+pub async fn get(url: &str) -> (StatusCode, HeaderMap, Bytes) {
+    send(
+        &http1_client(),
+        Request::get(url).body(Full::default()).unwrap(),
+    )
+    .await
+}
+
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(&http1_client(), req.body(Full::default()).unwrap()).await
+}
+
+/// Opens a raw TCP connection, for malformed and slow requests.
+pub async fn raw(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+/// An HTTP/1 connection without a pool, for tests that need one connection per request.
+pub async fn http1_conn(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender
+}
+
+/// A free port: bound, then released (for configs that must name a port before the
+/// process behind it starts).
+pub fn free_port() -> u16 {
+    closed_port()
+}
+
+/// The resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A running activator child process on the local platform.
+pub struct Activator {
+    pub http: SocketAddr,
+    pub h2c: SocketAddr,
+    pub metrics: SocketAddr,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    _config: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file removed when dropped.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Activator {
+    /// Starts an activator with `yaml` as its local platform config and extra flags.
+    pub async fn start(yaml: &str, flags: &[&str]) -> Activator {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("thaw-activator-{}-{n}.yaml", std::process::id()));
+        std::fs::write(&path, yaml).unwrap();
+        let mut child = Command::new(bin("activator"))
+            .arg("--config")
+            .arg(&path)
+            .args([
+                "--listen-address",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+                "--h2c-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
+            .args(flags)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start activator");
+        let stdout = child.stdout.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Arc::clone(&logs);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line.clone());
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut found: HashMap<String, SocketAddr> = HashMap::new();
+        while !["http", "h2c", "metrics"]
+            .iter()
+            .all(|w| found.contains_key(*w))
+        {
+            let line = tokio::time::timeout(EVENTUALLY, rx.recv())
+                .await
+                .expect("activator did not report its listeners in time")
+                .expect("activator exited before listening");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+            if v["message"] == "listening" {
+                found.insert(
+                    v["listener"].as_str().unwrap().to_owned(),
+                    v["address"].as_str().unwrap().parse().unwrap(),
+                );
+            }
+        }
+        Activator {
+            http: found["http"],
+            h2c: found["h2c"],
+            metrics: found["metrics"],
+            child,
+            logs,
+            _config: tempfile_path::TempPath(path),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("activator still running")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("activator did not exit")
+            .unwrap()
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let (_, _, body) = get(&format!("http://{}/metrics", self.metrics)).await;
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    pub async fn metric(&self, name: &str, fragment: &str) -> f64 {
+        metric_value(&self.metrics_text().await, name, fragment)
+    }
+}
+
+/// A pod as the local platform runs it: the test app behind a real queue-proxy.
+pub struct Pod {
+    pub app: App,
+    pub queue_proxy: QueueProxy,
+}
+
+impl Pod {
+    /// Starts a pod whose queue-proxy serves on `serving_port` with `cc`.
+    pub async fn start(serving_port: u16, cc: usize, app_args: &[&str]) -> Pod {
+        let app = App::start(app_args).await;
+        let port = serving_port.to_string();
+        let cc = cc.to_string();
+        let queue_proxy = QueueProxy::start(
+            app.port(),
+            &[
+                ("QUEUE_SERVING_PORT", &port),
+                ("CONTAINER_CONCURRENCY", &cc),
+                ("THAW_DRAIN_QUIET_PERIOD", "1s"),
+            ],
+        )
+        .await;
+        Pod { app, queue_proxy }
+    }
+}

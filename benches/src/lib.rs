@@ -1,0 +1,5 @@
+//! Thaw's load harness and test support: the builders that start the real binaries, used
+//! by the end-to-end tests of every crate and by the benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod harness;
