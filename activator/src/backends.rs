@@ -222,3 +222,144 @@ async fn probe_until_ready(inner: Weak<Inner>, addr: SocketAddr) {
         backends.publish(&map);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::revision::RevisionId;
+    use crate::throttler::ThrottlerSettings;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A queue-proxy stand-in: answers the activator's probe with `queue` once `ready`.
+    async fn fake_queue_proxy(ready: Arc<AtomicBool>, probes: Arc<AtomicUsize>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (ready, probes) = (Arc::clone(&ready), Arc::clone(&probes));
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            probes.fetch_add(1, Ordering::SeqCst);
+                            let ok = ready.load(Ordering::SeqCst)
+                                && req
+                                    .headers()
+                                    .get(headers::K_NETWORK_PROBE)
+                                    .is_some_and(|v| v == "queue");
+                            let (status, body) = if ok { (200, "queue") } else { (503, "") };
+                            async move {
+                                Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .body(http_body_util::Full::new(Bytes::from_static(
+                                            body.as_bytes(),
+                                        )))
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn throttler() -> Arc<Throttler> {
+        Arc::new(Throttler::new(
+            RevisionId::new("ns", "rev"),
+            1,
+            ThrottlerSettings::default(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_pod_is_used_only_after_its_probe_and_dropped_at_once_when_gone() {
+        let ready = Arc::new(AtomicBool::new(false));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let addr = fake_queue_proxy(Arc::clone(&ready), Arc::clone(&probes)).await;
+        let t = throttler();
+        let backends = Backends::new(
+            Arc::clone(&t),
+            ProbeSchedule {
+                idle: Duration::from_millis(20),
+                ..Default::default()
+            },
+        );
+        backends.set_pods(&[addr]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(probes.load(Ordering::SeqCst) >= 2, "the pod is probed");
+        assert_eq!(t.ready_pods(), 0, "not ready until the probe passes");
+        ready.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while t.ready_pods() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(backends.ready(), 1);
+        let permit = t.acquire(0).await.unwrap();
+        assert_eq!(permit.addr(), addr);
+        // The platform drops the pod: no new request may go there, the one in flight is fine.
+        backends.set_pods(&[]);
+        assert_eq!(t.ready_pods(), 0);
+        drop(permit);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_switch_probing_to_the_eager_pace() {
+        let probes = Arc::new(AtomicUsize::new(0));
+        let addr = fake_queue_proxy(Arc::new(AtomicBool::new(false)), Arc::clone(&probes)).await;
+        let t = throttler();
+        let backends = Backends::new(Arc::clone(&t), ProbeSchedule::default());
+        backends.set_pods(&[addr]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = probes.load(Ordering::SeqCst);
+        // Knative's pace: a few probes in half a second.
+        assert!(idle <= 5, "{idle} probes while nothing waits");
+        let t2 = Arc::clone(&t);
+        let waiter = tokio::spawn(async move { t2.acquire(0).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let eager = probes.load(Ordering::SeqCst) - idle;
+        assert!(
+            eager >= 4 * idle.max(1),
+            "{eager} probes while a request waits vs {idle} idle"
+        );
+        waiter.abort();
+        backends.shutdown();
+    }
+
+    #[tokio::test]
+    async fn probe_requires_the_exact_queue_body() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"queue-ish"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+        assert!(matches!(probe_pod(addr).await, Err(ProbeError::Body)));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(matches!(
+            probe_pod(closed).await,
+            Err(ProbeError::Connect(_))
+        ));
+    }
+}

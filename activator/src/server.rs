@@ -212,7 +212,12 @@ async fn throttle_and_proxy(
             Ok(resp) => return Ok((resp, permit, cold_wait)),
             Err(e) if e.is_connect() => {
                 revision.backends.unreachable(addr);
-                if template.is_none() || attempt >= CONNECT_ATTEMPTS {
+                // Another try only makes sense on another ready pod; with none, waiting
+                // for one would turn a clear 502 into a timeout.
+                if template.is_none()
+                    || attempt >= CONNECT_ATTEMPTS
+                    || revision.throttler.ready_pods() == 0
+                {
                     return Err(Refused::Upstream(e));
                 }
                 tracing::debug!(%addr, error = %e, "pod refused the connection; trying another");
