@@ -4,6 +4,7 @@
 
 pub mod local;
 pub mod memory;
+pub mod process;
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -1,0 +1,1 @@
+//! Running one pod of the local platform as processes.
