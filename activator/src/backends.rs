@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -95,6 +96,8 @@ struct Pod {
 
 struct Inner {
     pods: Mutex<HashMap<SocketAddr, Pod>>,
+    /// Whether the first response after the revision last had no ready pod was logged.
+    cold_start_logged: AtomicBool,
     throttler: Arc<Throttler>,
     schedule: ProbeSchedule,
 }
@@ -110,6 +113,7 @@ impl Backends {
         Self {
             inner: Arc::new(Inner {
                 pods: Mutex::new(HashMap::new()),
+                cold_start_logged: AtomicBool::new(true),
                 throttler,
                 schedule,
             }),
@@ -175,12 +179,21 @@ impl Backends {
         }
     }
 
+    /// True for the first caller after the revision went without ready pods: the one
+    /// cold-start response worth a log line.
+    pub fn first_cold_response(&self) -> bool {
+        !self.inner.cold_start_logged.swap(true, Ordering::Relaxed)
+    }
+
     fn publish(&self, map: &HashMap<SocketAddr, Pod>) {
         let mut ready: Vec<SocketAddr> = map
             .iter()
             .filter(|(_, p)| p.ready)
             .map(|(a, _)| *a)
             .collect();
+        if ready.is_empty() {
+            self.inner.cold_start_logged.store(false, Ordering::Relaxed);
+        }
         ready.sort_unstable();
         self.inner.throttler.update_pods(ready);
     }

@@ -51,6 +51,16 @@ pub struct Config {
     #[arg(long, env = "THAW_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// The queue-proxy the local platform runs in front of each app. Default: a
+    /// `queue-proxy` binary beside this one, else this binary as `activator queue-proxy`.
+    #[arg(long, env = "THAW_QUEUE_PROXY_BIN")]
+    pub queue_proxy_bin: Option<PathBuf>,
+
+    /// Local platform: a pod being scaled down drains until it has had no request for
+    /// this long (its queue-proxy's quiet period; Knative's is 30s).
+    #[arg(long, env = "THAW_POD_QUIET_PERIOD", default_value = "2s", value_parser = duration)]
+    pub pod_quiet_period: Duration,
+
     /// Address every listener binds.
     #[arg(long, env = "THAW_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: IpAddr,
@@ -94,7 +104,8 @@ pub struct Config {
     #[arg(long, env = "THAW_BUFFER_BUDGET", default_value = "64MiB", value_parser = bytes)]
     pub buffer_budget: u64,
 
-    /// After SIGTERM, keep serving this long (readiness failing) before stopping.
+    /// After SIGTERM, keep serving this long (readiness failing) before stopping. Ctrl-C
+    /// (SIGINT) at a terminal drains for at most 1s.
     #[arg(long, env = "THAW_DRAIN_PERIOD", default_value = "45s", value_parser = duration)]
     pub drain_period: Duration,
 
@@ -113,6 +124,28 @@ pub struct Config {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "THAW_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Log format: json lines, plain text, or auto (text at a terminal, else json).
+    #[arg(long, env = "THAW_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Auto)]
+    pub log_format: LogFormatArg,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    Json,
+    Text,
+    Auto,
+}
+
+impl From<LogFormatArg> for thaw_shared::logging::LogFormat {
+    fn from(f: LogFormatArg) -> Self {
+        match f {
+            LogFormatArg::Json => Self::Json,
+            LogFormatArg::Text => Self::Text,
+            LogFormatArg::Auto => Self::Auto,
+        }
+    }
 }
 
 #[cfg(test)]

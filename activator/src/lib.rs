@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::backends::ProbeSchedule;
 use crate::config::{Config, PlatformKind};
 use crate::metrics::Metrics;
-use crate::platform::local::{LocalConfigError, LocalPlatform};
+use crate::platform::local::{self, LocalConfigError, LocalPlatform, LocalSettings};
 use crate::platform::Platform;
 use crate::reporter::{Reporter, ReporterSettings, RevisionStats};
 use crate::revision::{Registry, RegistrySettings};
@@ -64,18 +64,29 @@ impl RunError {
     }
 }
 
-/// Builds the platform the flags ask for.
-pub fn platform(config: &Config) -> Result<Arc<dyn Platform>, RunError> {
+/// Builds the platform the flags ask for; `load` is the activator's own per-revision
+/// concurrency, which platforms with a built-in autoscaler scale on.
+pub fn platform(config: &Config, load: Arc<RevisionStats>) -> Result<Arc<dyn Platform>, RunError> {
     match config.platform {
         PlatformKind::Local => {
             let path = config.config.as_ref().ok_or(RunError::NoConfig)?;
-            Ok(Arc::new(LocalPlatform::from_file(path)?))
+            let file = local::load(path)?;
+            let settings = LocalSettings {
+                queue_proxy: LocalSettings::find_queue_proxy(config.queue_proxy_bin.as_deref()),
+                drain_quiet_period: config.pod_quiet_period,
+                tick: Duration::from_secs(1),
+            };
+            Ok(Arc::new(LocalPlatform::start(file, load, settings)))
         }
     }
 }
 
 /// Builds the request-path state around a platform.
-pub fn build_state(config: &Config, platform: Arc<dyn Platform>) -> Result<Arc<State>, RunError> {
+pub fn build_state(
+    config: &Config,
+    platform: Arc<dyn Platform>,
+    stats: Arc<RevisionStats>,
+) -> Result<Arc<State>, RunError> {
     let metrics = Metrics::new()?;
     let registry = Arc::new(Registry::new(
         RegistrySettings {
@@ -91,7 +102,6 @@ pub fn build_state(config: &Config, platform: Arc<dyn Platform>) -> Result<Arc<S
         },
         metrics.clone(),
     ));
-    let stats = Arc::new(RevisionStats::new());
     let reporter = config.autoscaler_url.as_ref().map(|url| {
         Reporter::spawn(
             ReporterSettings::new(url.clone(), config.pod_name.clone()),
@@ -124,17 +134,30 @@ async fn bind(config: &Config, what: &'static str, port: u16) -> Result<TcpListe
 
 /// Runs the activator on the platform the flags name until SIGTERM/SIGINT and its drain.
 pub async fn run(config: Config) -> Result<(), RunError> {
-    let platform = platform(&config)?;
-    run_with(config, platform).await
+    let stats = Arc::new(RevisionStats::new());
+    let platform = platform(&config, Arc::clone(&stats))?;
+    run_with(config, platform, stats).await
 }
 
 /// Runs the activator on a given platform (tests pass an in-memory one).
-pub async fn run_with(config: Config, platform: Arc<dyn Platform>) -> Result<(), RunError> {
-    let state = build_state(&config, Arc::clone(&platform))?;
+pub async fn run_with(
+    config: Config,
+    platform: Arc<dyn Platform>,
+    stats: Arc<RevisionStats>,
+) -> Result<(), RunError> {
+    let state = build_state(&config, Arc::clone(&platform), stats)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
 
     let http = bind(&config, "http", config.http_port).await?;
+    let http_addr = http.local_addr().ok().map(|a| {
+        // A wildcard bind is reached on loopback from this machine.
+        if a.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        } else {
+            a
+        }
+    });
     let h2c = bind(&config, "h2c", config.h2c_port).await?;
     let metrics = bind(&config, "metrics", config.metrics_port).await?;
 
@@ -184,23 +207,44 @@ pub async fn run_with(config: Config, platform: Arc<dyn Platform>) -> Result<(),
         },
     ));
     tracing::info!(platform = platform.name(), "activator started");
-
-    tokio::select! {
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
+    let http_addr = http_addr.map_or_else(
+        || format!("127.0.0.1:{}", config.http_port),
+        |a| a.to_string(),
+    );
+    for r in state.registry.all() {
+        let host = r.spec.hosts.first().cloned().unwrap_or_else(|| {
+            format!(
+                "{}.{}.svc.{}",
+                r.spec.id.name, r.spec.id.namespace, config.cluster_domain
+            )
+        });
+        tracing::info!(
+            revision = %r.spec.id,
+            "call {} with: curl -H 'Host: {host}' http://{http_addr}/",
+            r.spec.id.name
+        );
     }
-    tracing::info!(drain_period = ?config.drain_period, "signal received; draining");
+
+    // Kubernetes sends SIGTERM and expects the full drain; Ctrl-C at a terminal wants the
+    // process gone soon.
+    let drain_period = tokio::select! {
+        _ = sigterm.recv() => config.drain_period,
+        _ = sigint.recv() => config.drain_period.min(Duration::from_secs(1)),
+    };
+    tracing::info!(drain_period = ?drain_period, "signal received; draining");
     state.draining.store(true, Ordering::Relaxed);
     // A second signal means "now".
+    let second_signal_platform = Arc::clone(&platform);
     tokio::spawn(async move {
         tokio::select! {
             _ = sigterm.recv() => {}
             _ = sigint.recv() => {}
         }
         tracing::warn!("second signal; exiting at once");
+        second_signal_platform.kill_now();
         std::process::exit(1);
     });
-    tokio::time::sleep(config.drain_period).await;
+    tokio::time::sleep(drain_period).await;
     tracing::info!("drain period over; finishing in-flight and buffered requests");
     let _ = stop_traffic.send(true);
     for t in traffic {
@@ -213,6 +257,7 @@ pub async fn run_with(config: Config, platform: Arc<dyn Platform>) -> Result<(),
         );
     }
     applier.abort();
+    platform.shutdown().await;
     let _ = stop_aux.send(true);
     let _ = metrics_server.await;
     tracing::info!("drained");

@@ -9,6 +9,12 @@ use thaw_activator::config::Config;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // The local platform runs pods' queue-proxies as `activator queue-proxy`, so a single
+    // binary is all a fresh checkout needs.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("queue-proxy") {
+        return thaw_queue_proxy::cli::main(&args[2..]);
+    }
     let config = match Config::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -27,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    thaw_activator::logging::init(&config.log_level);
+    thaw_activator::logging::init_with(&config.log_level, config.log_format.into());
     let threads = config
         .worker_threads
         .filter(|n| *n > 0)

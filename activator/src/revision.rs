@@ -198,6 +198,11 @@ impl Registry {
                     r.backends.set_pods(&pods);
                 }
             }
+            PlatformUpdate::Unavailable { revision, reason } => {
+                if let Some(r) = self.get(&revision.namespace, &revision.name) {
+                    r.throttler.fail_waiting(&reason);
+                }
+            }
             PlatformUpdate::Activators(mut ips) => {
                 ips.sort_unstable();
                 for r in self.all() {

@@ -131,6 +131,10 @@ pub async fn handle(
             let (mut parts, body) = resp.into_parts();
             if let Some(waited) = cold_wait {
                 revision.metrics.cold_start(waited);
+                if revision.backends.first_cold_response() {
+                    let ms = waited.as_millis();
+                    tracing::info!(revision = %revision.spec.id, cold_start_ms = ms as u64, "served after cold start of {ms} ms");
+                }
                 if let Ok(v) = HeaderValue::from_str(&waited.as_millis().to_string()) {
                     parts.headers.insert(headers::THAW_COLD_START, v);
                 }
@@ -139,6 +143,10 @@ pub async fn handle(
             guard._permit = Some(permit);
             let body = timeouts.body(started, body);
             return Response::from_parts(parts, ResponseBody::proxied(body, guard));
+        }
+        Ok(Err(Refused::Throttled(e @ ThrottleError::Unavailable { .. }))) => {
+            tracing::warn!(revision = %revision.spec.id, error = %e, "revision unavailable");
+            owned_text(StatusCode::BAD_GATEWAY, e.to_string())
         }
         Ok(Err(Refused::Throttled(e))) => {
             revision.metrics.rejected();

@@ -73,6 +73,12 @@ pub enum ThrottleError {
     /// The revision was removed while the request waited (or before it arrived).
     #[error("revision {0} was removed")]
     RevisionGone(RevisionId),
+    /// The platform cannot give the revision a pod (its command does not start, say).
+    #[error("revision {revision} is unavailable: {reason}")]
+    Unavailable {
+        revision: RevisionId,
+        reason: Arc<str>,
+    },
 }
 
 /// The pods this activator sends to, out of `pods_sorted` (CONTRACT §2.3).
@@ -171,6 +177,8 @@ struct State {
     waiting_bytes: u64,
     /// The revision was removed.
     closed: bool,
+    /// Why the platform last failed to provide a pod, for waiters woken by it.
+    failure: Option<Arc<str>>,
     /// `waiting > 0`, as last published.
     has_waiters: watch::Sender<bool>,
 }
@@ -338,6 +346,7 @@ impl Throttler {
             abandoned: 0,
             waiting_bytes: 0,
             closed: false,
+            failure: None,
             has_waiters: watch::Sender::new(false),
         };
         Self {
@@ -437,6 +446,20 @@ impl Throttler {
         st.settle();
     }
 
+    /// The platform failed to provide a pod: every request waiting now fails with
+    /// [`ThrottleError::Unavailable`] rather than waiting for its timeout. Later requests
+    /// wait as usual, since the platform keeps trying.
+    pub fn fail_waiting(&self, reason: &str) {
+        let mut st = self.shared.lock();
+        st.failure = Some(Arc::from(reason));
+        // Dropping the senders wakes the waiters with an error.
+        st.queue.clear();
+        st.waiting = 0;
+        st.abandoned = 0;
+        st.waiting_bytes = 0;
+        st.settle();
+    }
+
     /// Waits, first come first served, until an assigned pod has a free slot.
     ///
     /// `body_cost` counts against the byte budget while the request waits (not when a slot
@@ -487,7 +510,16 @@ impl Throttler {
         parked.armed = false;
         match slot {
             Ok(addr) => Ok(self.permit(addr)),
-            Err(_) => Err(self.gone()),
+            Err(_) => {
+                let st = self.shared.lock();
+                match (&st.failure, st.closed) {
+                    (Some(reason), false) => Err(ThrottleError::Unavailable {
+                        revision: self.shared.revision.clone(),
+                        reason: Arc::clone(reason),
+                    }),
+                    _ => Err(self.gone()),
+                }
+            }
         }
     }
 

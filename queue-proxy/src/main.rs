@@ -1,64 +1,8 @@
-//! `queue-proxy`: reads Knative's environment, sets up logging and the runtime, and runs.
+//! `queue-proxy`: everything happens in [`thaw_queue_proxy::cli::main`].
 
 use std::process::ExitCode;
 
-use thaw_queue_proxy::config::{self, Config};
-
-/// Exit status for a configuration error (sysexits' EX_USAGE, as linkerd2-proxy uses).
-const EXIT_CONFIG: u8 = 64;
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None => {}
-        Some("--help" | "-h" | "help") => {
-            print!("{}", config::help());
-            return ExitCode::SUCCESS;
-        }
-        Some("--version" | "-V") => {
-            println!("queue-proxy {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Some(other) => {
-            eprintln!("queue-proxy: unexpected argument {other:?}; configuration comes from the environment (see --help)");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    }
-    let config = match Config::from_process_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("queue-proxy: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    thaw_queue_proxy::logging::init(&config.logging_level);
-
-    let threads = config
-        .worker_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let runtime = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    };
-    let runtime = match runtime {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("queue-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(thaw_queue_proxy::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "queue-proxy failed");
-            eprintln!("queue-proxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    thaw_queue_proxy::cli::main(&args)
 }

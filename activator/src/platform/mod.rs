@@ -27,6 +27,12 @@ pub enum PlatformUpdate {
     },
     /// The activators in the path, for subsetting pods between them.
     Activators(Vec<IpAddr>),
+    /// The platform could not start a pod for the revision: requests waiting for it fail
+    /// now with this reason instead of waiting for their timeout.
+    Unavailable {
+        revision: RevisionId,
+        reason: String,
+    },
 }
 
 /// A source of revisions and pods, and a sink for "needs capacity" signals.
@@ -40,4 +46,17 @@ pub trait Platform: Send + Sync + 'static {
 
     /// The name shown in logs (`local`, `kubernetes`, `knative`, `memory`).
     fn name(&self) -> &'static str;
+
+    /// The activator is stopping: release what the platform runs (the local platform
+    /// stops its processes, draining them). Returns when done.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// The activator must exit now: kill at once whatever the platform runs, without
+    /// waiting (a second signal).
+    fn kill_now(&self) {}
 }
+
+/// A boxed future, so the trait stays usable as `dyn Platform`.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
