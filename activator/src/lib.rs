@@ -161,8 +161,12 @@ pub async fn run_with(
     let h2c = bind(&config, "h2c", config.h2c_port).await?;
     let metrics = bind(&config, "metrics", config.metrics_port).await?;
 
-    // Platform updates are applied in one task, in order.
+    // Platform updates are applied in one task, in order; what the platform already knows
+    // is applied before serving, so the first requests never see an empty registry.
     let mut updates = platform.subscribe();
+    while let Ok(update) = updates.try_recv() {
+        state.registry.apply(update);
+    }
     let registry = Arc::clone(&state.registry);
     let applier = tokio::spawn(async move {
         while let Some(update) = updates.recv().await {

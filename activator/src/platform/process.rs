@@ -955,6 +955,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_crash_loop_reports_stderr_and_keeps_restarting() {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let mut crashing = template(Path::new("sh"), Path::new("sleep"));
+        crashing.command = [
+            "sh",
+            "-c",
+            "echo starting >&2; echo \"boom on $PORT\" >&2; exit 5",
+        ]
+        .map(String::from)
+        .to_vec();
+        crashing.queue_proxy.args = vec!["60".to_owned()];
+        let pod = Pod::start(8, &crashing, tx).await.expect("pod starts");
+        let boom = format!("boom on {}", pod.ports.app);
+        for _ in 0..2 {
+            assert_eq!(
+                next_event(&mut events).await,
+                PodEvent::Exited {
+                    pod: 8,
+                    process: "app",
+                    status: "exit status: 5".to_owned(),
+                    stderr_tail: vec!["starting".to_owned(), boom.clone()],
+                }
+            );
+            assert_eq!(
+                next_event(&mut events).await,
+                PodEvent::Restarted { pod: 8 }
+            );
+        }
+        let (_, queue_proxy) = pod.pids();
+        pod.stop().await;
+        until_gone(queue_proxy.expect("the stand-in queue-proxy runs")).await;
+    }
+
+    #[tokio::test]
+    async fn a_killed_queue_proxy_is_reported_and_restarted() {
+        let Some((app, queue_proxy)) = binaries() else {
+            return;
+        };
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let pod = Pod::start(7, &template(&app, &queue_proxy), tx)
+            .await
+            .expect("pod starts");
+        let (app_pid, first_queue_proxy) = running_pids(&pod);
+        until_hello(&pod).await;
+
+        signal_group(first_queue_proxy, Signal::SIGKILL);
+        match next_event(&mut events).await {
+            PodEvent::Exited {
+                pod: 7,
+                process: "queue-proxy",
+                status,
+                ..
+            } => assert!(status.contains("SIGKILL"), "status {status:?}"),
+            other => panic!("expected the queue-proxy's exit, got {other:?}"),
+        }
+        assert_eq!(
+            next_event(&mut events).await,
+            PodEvent::Restarted { pod: 7 }
+        );
+        until_hello(&pod).await;
+        let (same_app, second_queue_proxy) = running_pids(&pod);
+        assert_eq!(same_app, app_pid, "the app keeps running");
+        assert_ne!(second_queue_proxy, first_queue_proxy);
+        pod.stop().await;
+    }
+
+    #[tokio::test]
     async fn stop_drains_in_flight_requests_first() {
         let Some((app, queue_proxy)) = binaries() else {
             return;
