@@ -152,7 +152,7 @@ fn env(path: &str, v: &Value) -> Result<Vec<(String, String)>> {
         Value::Mapping(m) => m
             .iter()
             .map(|(k, val)| {
-                let key = string(&format!("{path}"), k)?;
+                let key = string(path, k)?;
                 Ok((key.clone(), scalar(&format!("{path}.{key}"), val)?))
             })
             .collect(),
