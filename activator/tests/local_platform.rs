@@ -322,6 +322,11 @@ async fn stopping_the_activator_leaves_no_process_behind() {
     act.signal("INT");
     let status = act.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
+    assert_eq!(
+        pod_pids(&act),
+        pids,
+        "no pod may start once the activator is stopping"
+    );
     for pid in pids {
         assert!(!alive(pid), "process {pid} outlived the activator");
     }

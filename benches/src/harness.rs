@@ -492,3 +492,10 @@ impl Pod {
         Pod { app, queue_proxy }
     }
 }
+
+impl App {
+    /// The app's process id, for the benches' CPU and memory figures.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("test app still running")
+    }
+}

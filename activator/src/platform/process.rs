@@ -176,8 +176,8 @@ impl Pod {
             pod = %name,
             serving = %ports.serving,
             app_port = ports.app,
-            app_pid = ?app.pid(),
-            queue_proxy_pid = ?queue_proxy.pid(),
+            app_pid = app.pid().unwrap_or_default(),
+            queue_proxy_pid = queue_proxy.pid().unwrap_or_default(),
             "pod started"
         );
 

@@ -132,6 +132,8 @@ impl RevisionRuntime {
 
 struct Inner {
     revisions: Vec<Arc<RevisionRuntime>>,
+    /// Set once the activator stops: scaling loops end instead of replacing pods.
+    stopping: tokio::sync::watch::Sender<bool>,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<PlatformUpdate>>>,
     load: Arc<RevisionStats>,
     settings: LocalSettings,
@@ -181,6 +183,7 @@ impl LocalPlatform {
         let platform = Self {
             inner: Arc::new(Inner {
                 revisions,
+                stopping: tokio::sync::watch::Sender::new(false),
                 subscribers: Mutex::new(Vec::new()),
                 load,
                 settings,
@@ -253,6 +256,8 @@ impl Platform for LocalPlatform {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // First stop deciding, so no loop starts a pod to replace the ones leaving.
+            self.inner.stopping.send_replace(true);
             let mut stopping = Vec::new();
             for rt in &self.inner.revisions {
                 let pods: Vec<_> = std::mem::take(&mut rt.pods().running)
@@ -327,6 +332,7 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
         drain_quiet_period: inner.settings.drain_quiet_period,
     };
     let tick_every = inner.settings.tick;
+    let mut stopping = inner.stopping.subscribe();
     drop(inner);
 
     let name = rt.spec.id.name.clone();
@@ -343,6 +349,7 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
 
     loop {
         tokio::select! {
+            _ = stopping.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
             _ = rt.wake.notified() => {}
             Some(event) = events.recv() => {
@@ -383,12 +390,20 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
         tracing::info!(revision = %name, from = current, to = desired, "scaling {name} from {current} to {desired}");
         if desired > current {
             for _ in current..desired {
+                if *stopping.borrow() {
+                    return;
+                }
                 let id = next_id;
                 next_id += 1;
                 match Pod::start(id, &template, events_tx.clone()).await {
                     Ok(pod) => {
                         failures = 0;
                         retry_after = None;
+                        if *stopping.borrow() {
+                            // The activator began stopping while this pod started.
+                            pod.stop().await;
+                            return;
+                        }
                         tokio::spawn(log_ready(name.clone(), id, pod.ports.serving, now));
                         rt.pods()
                             .running

@@ -1,0 +1,178 @@
+//! Cold-start pickup: from the instant the app starts accepting to the instant the
+//! request the activator held for it is answered.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use thaw_benches::harness::{self, Activator, QueueProxy};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+
+use super::{activator_metric, progress, spread, static_revision_yaml, Ctx, Section, Table};
+
+/// The app sleeps this long after it starts before it binds, so that its process start-up
+/// is over by the time it listens.
+const SLOW_START_MS: u64 = 200;
+
+struct Run {
+    pickup: Duration,
+    total: Duration,
+    header: Option<String>,
+}
+
+/// Polls `addr` with a connect every 100 µs from a plain thread until one succeeds, and
+/// returns that instant (the app is accepting from then on).
+fn watch_listen(addr: SocketAddr, limit: Duration) -> std::thread::JoinHandle<Option<Instant>> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        None
+    })
+}
+
+async fn one(n: usize) -> Result<Run, String> {
+    let app_port = harness::free_port();
+    let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
+    let probe = format!(r#"{{"tcpSocket":{{"port":{app_port}}}}}"#);
+    let qp = QueueProxy::start(app_port, &[("SERVING_READINESS_PROBE", &probe)]).await;
+    let act = Activator::start(&static_revision_yaml(qp.serving.port(), 0), &[]).await;
+
+    // The request, on its own connection, parked in the activator.
+    let stream = TcpStream::connect(act.http)
+        .await
+        .map_err(|e| format!("connect to the activator: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get("/")
+        .header("host", "hello.local")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let sent = Instant::now();
+    let response = tokio::spawn(async move {
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let at = Instant::now();
+        let status = resp.status();
+        let header = resp
+            .headers()
+            .get("thaw-cold-start")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let _ = resp.into_body().collect().await;
+        Ok::<_, String>((status, header, at))
+    });
+    let deadline = tokio::time::Instant::now() + harness::EVENTUALLY;
+    while activator_metric(&act, "activator_requests_waiting")
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        if tokio::time::Instant::now() > deadline {
+            return Err("the request never showed as waiting in the activator".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Start the app; it binds SLOW_START_MS later. Watch for that instant.
+    let watcher = watch_listen(app_addr, harness::EVENTUALLY);
+    let mut app = Command::new(harness::bin("thaw-testapp"))
+        .args([
+            "--port",
+            &app_port.to_string(),
+            "--slow-start-ms",
+            &SLOW_START_MS.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("start thaw-testapp: {e}"))?;
+    let listen = tokio::task::spawn_blocking(move || watcher.join().ok().flatten())
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the app never accepted a connection")?;
+    let (status, header, at) = tokio::time::timeout(harness::EVENTUALLY, response)
+        .await
+        .map_err(|_| "no response within 15 s of the app listening".to_owned())?
+        .map_err(|e| e.to_string())??;
+    let _ = app.kill().await;
+    drop(act);
+    drop(qp);
+    if status != http::StatusCode::OK {
+        return Err(format!("run {n}: status {status}"));
+    }
+    Ok(Run {
+        pickup: at.saturating_duration_since(listen),
+        total: at - sent,
+        header,
+    })
+}
+
+pub async fn run(ctx: Arc<Ctx>) -> Section {
+    let runs = ctx.coldstart_runs.max(1);
+    let mut section = Section::new(&format!("Cold-start pickup ({runs} runs)"));
+    let mut results = Vec::new();
+    for i in 1..=runs {
+        progress(&format!("coldstart: run {i}/{runs}"));
+        match tokio::spawn(one(i)).await {
+            Ok(Ok(r)) => results.push(r),
+            Ok(Err(e)) => section.fail(format!("coldstart run {i}: {e}")),
+            Err(e) => section.fail(format!("coldstart run {i}: {}", super::panic_message(e))),
+        }
+    }
+    if results.is_empty() {
+        return section;
+    }
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let pickup: Vec<f64> = results.iter().map(|r| ms(&r.pickup)).collect();
+    let total: Vec<f64> = results.iter().map(|r| ms(&r.total)).collect();
+    let (pm, plo, phi) = spread(&pickup);
+    let (tm, tlo, thi) = spread(&total);
+    let headers: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.header.as_deref()?.trim().parse().ok())
+        .collect();
+    let (hm, hlo, hhi) = spread(&headers);
+    let mut table = Table::new(&["measure", "median ms", "min ms", "max ms"]);
+    table.row(vec![
+        "app accepting → response (pickup)".to_owned(),
+        format!("{pm:.1}"),
+        format!("{plo:.1}"),
+        format!("{phi:.1}"),
+    ]);
+    table.row(vec![
+        "request sent → response".to_owned(),
+        format!("{tm:.0}"),
+        format!("{tlo:.0}"),
+        format!("{thi:.0}"),
+    ]);
+    if !headers.is_empty() {
+        table.row(vec![
+            "`Thaw-Cold-Start` header".to_owned(),
+            format!("{hm:.0}"),
+            format!("{hlo:.0}"),
+            format!("{hhi:.0}"),
+        ]);
+    }
+    section.line(&table.render());
+    section.line(&format!(
+        "Each run starts a fresh queue-proxy (CC=0, readiness probe `{{\"tcpSocket\":{{\"port\":<app port>}}}}`, i.e. `periodSeconds: 0`, aggressive probing) for an app port nothing listens on yet, and a fresh activator whose one revision has that queue-proxy as its static endpoint. One `GET /` (Host: hello.local) is sent to the activator and the bench waits until `activator_requests_waiting` reads 1. Then it starts `thaw-testapp --slow-start-ms {SLOW_START_MS}` on the app port, and a plain thread connects to the app port every 100 µs: **T_listen** is the first connect that succeeds (the app is accepting; resolution ≈ 0.1 ms plus scheduling). **T_resp** is when the response headers of the parked request reach the bench. The pickup is T_resp − T_listen: the queue-proxy's probe of the app, the activator's probe of the queue-proxy, and the proxied request itself ([beyond] target ≤ 10 ms median; Knative's probe tick alone is 200 ms). \"request sent → response\" includes the app's {SLOW_START_MS} ms slow start and process start. `Thaw-Cold-Start` is the activator's own figure for the wait. {} of {runs} runs succeeded.",
+        results.len()
+    ));
+    section
+}

@@ -1,0 +1,372 @@
+//! The bench binary's scenarios and the helpers they share.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod coldstart;
+pub mod misc;
+pub mod nginx;
+pub mod overload;
+pub mod parked;
+pub mod proxies;
+pub mod streaming;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use thaw_benches::harness;
+use thaw_benches::load::{self, LoadResult, LoadSpec};
+
+/// Settings every scenario reads.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub reps: usize,
+    pub connections: Vec<usize>,
+    pub only: Option<Vec<String>>,
+    pub smoke: bool,
+    pub parked: usize,
+    pub coldstart_runs: usize,
+    /// `--threads` of the test app; 0 = its default (one per core).
+    pub app_threads: usize,
+    /// Worker threads of the load generator; 0 = one per CPU.
+    pub load_threads: usize,
+    pub load_scheduler: load::Scheduler,
+    /// The nginx binary, if installed.
+    pub nginx: Option<PathBuf>,
+}
+
+impl Ctx {
+    /// A load spec with this context's timing and generator threads.
+    pub fn spec(&self, addr: SocketAddr, path: &str, connections: usize) -> LoadSpec {
+        let mut spec = LoadSpec::get(addr, path, connections).timing(self.warmup, self.duration);
+        spec.threads = self.load_threads;
+        spec.scheduler = self.load_scheduler;
+        spec
+    }
+
+    /// Arguments for the test app.
+    pub fn app_args(&self) -> Vec<String> {
+        if self.app_threads == 0 {
+            Vec::new()
+        } else {
+            vec!["--threads".to_owned(), self.app_threads.to_string()]
+        }
+    }
+
+    pub async fn start_app(&self) -> harness::App {
+        let args = self.app_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        harness::App::start(&args).await
+    }
+}
+
+/// One printed section of the report.
+#[derive(Debug, Default)]
+pub struct Section {
+    pub markdown: String,
+    pub failures: Vec<String>,
+}
+
+impl Section {
+    pub fn new(title: &str) -> Section {
+        Section {
+            markdown: format!("## {title}\n\n"),
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn line(&mut self, text: &str) {
+        self.markdown.push_str(text);
+        self.markdown.push('\n');
+    }
+
+    pub fn fail(&mut self, what: String) {
+        progress(&format!("FAILED: {what}"));
+        self.failures.push(what);
+    }
+}
+
+/// A progress line on stderr.
+pub fn progress(text: &str) {
+    eprintln!("[thaw-benches] {text}");
+}
+
+/// A markdown table.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(|s| (*s).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("| {} |\n", self.header.join(" | ")));
+        out.push_str(&format!(
+            "|{}\n",
+            self.header
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if i == 0 { "---|" } else { "---:|" })
+                .collect::<String>()
+        ));
+        for row in &self.rows {
+            out.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Formatting
+// ---------------------------------------------------------------------------------------
+
+/// `41230` → `41 230`.
+pub fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Microseconds as milliseconds with a precision that suits the size.
+pub fn ms(us: f64) -> String {
+    let v = us / 1000.0;
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else if v < 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+pub fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+/// The median (mean of the middle two for an even count), min and max.
+pub fn spread(values: &[f64]) -> (f64, f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// `41 230 (39 800–42 100)`, or just the value for one sample.
+pub fn rps_spread(values: &[f64]) -> String {
+    let (m, lo, hi) = spread(values);
+    if values.len() < 2 {
+        group(m.round() as u64)
+    } else {
+        format!(
+            "{} ({}–{})",
+            group(m.round() as u64),
+            group(lo.round() as u64),
+            group(hi.round() as u64)
+        )
+    }
+}
+
+/// `1.31 (1.20–1.45)` in ms from µs values.
+pub fn ms_spread(values_us: &[f64]) -> String {
+    let (m, lo, hi) = spread(values_us);
+    if values_us.len() < 2 {
+        ms(m)
+    } else {
+        format!("{} ({}–{})", ms(m), ms(lo), ms(hi))
+    }
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    spread(values).0
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes and HTTP
+// ---------------------------------------------------------------------------------------
+
+/// Runs `spec` while sampling the peak RSS of `pids` every 100 ms during the measured
+/// window. Returns the result and one peak (KiB) per pid.
+pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> (LoadResult, Vec<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = Arc::clone(&stop);
+        let pids = pids.to_vec();
+        let warmup = spec.warmup;
+        tokio::spawn(async move {
+            let mut peaks = vec![0u64; pids.len()];
+            tokio::time::sleep(warmup).await;
+            loop {
+                for (peak, pid) in peaks.iter_mut().zip(&pids) {
+                    *peak = (*peak).max(harness::rss_kib(*pid));
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peaks
+        })
+    };
+    let result = load::run_async(spec).await;
+    stop.store(true, Ordering::Relaxed);
+    let peaks = sampler.await.expect("rss sampler");
+    (result, peaks)
+}
+
+/// One GET with optional Host, on a fresh connection, with a timeout.
+pub async fn try_get(
+    addr: SocketAddr,
+    path: &str,
+    host: Option<&str>,
+    limit: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    if let Some(host) = host {
+        req = req.header("host", host);
+    }
+    let req = req
+        .body(Full::<Bytes>::default())
+        .map_err(|e| e.to_string())?;
+    let client = harness::http1_client();
+    let fut = async {
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((parts.status, parts.headers, body))
+    };
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| format!("GET {path} timed out after {limit:?}"))?
+}
+
+/// Waits until a GET answers 200 (the warm path is up).
+pub async fn wait_ok(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + harness::EVENTUALLY;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match try_get(addr, path, host, Duration::from_secs(5)).await {
+            Ok((status, _, _)) if status == StatusCode::OK => return Ok(()),
+            Ok((status, _, body)) => {
+                last = format!("{status} {}", String::from_utf8_lossy(&body).trim())
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!(
+        "no 200 from {addr}{path} within {:?}; last: {last}",
+        harness::EVENTUALLY
+    ))
+}
+
+/// The sum of every sample of `name` in Prometheus text, if any.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let rest = match line.strip_prefix(name) {
+            Some(rest) if rest.starts_with('{') || rest.starts_with(' ') => rest,
+            _ => continue,
+        };
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// The activator's `name` metric (summed over revisions), without panicking.
+pub async fn activator_metric(act: &harness::Activator, name: &str) -> Option<f64> {
+    let (status, _, body) = try_get(act.metrics, "/metrics", None, Duration::from_secs(5))
+        .await
+        .ok()?;
+    if status != StatusCode::OK {
+        return None;
+    }
+    metric_sum(&String::from_utf8_lossy(&body), name)
+}
+
+/// The local platform YAML for one revision `hello` (Host `hello.local`) served by the
+/// queue-proxy at `127.0.0.1:port` (static endpoints, no scaling).
+pub fn static_revision_yaml(port: u16, cc: usize) -> String {
+    format!(
+        "revisions:\n  - name: hello\n    namespace: default\n    hosts: [hello.local]\n    containerConcurrency: {cc}\n    timeoutSeconds: 300\n    endpoints: [\"127.0.0.1:{port}\"]\n"
+    )
+}
+
+/// Checks a load result: a scenario "errors out" when not one request succeeded.
+pub fn check_some_ok(what: &str, r: &LoadResult) -> Result<(), String> {
+    if r.ok == 0 {
+        Err(format!(
+            "{what}: no successful request ({} transport errors; statuses {})",
+            r.transport_errors,
+            r.statuses_text()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The message of a panic caught from a task.
+pub fn panic_message(err: tokio::task::JoinError) -> String {
+    match err.try_into_panic() {
+        Ok(payload) => {
+            if let Some(s) = payload.downcast_ref::<&str>() {
+                (*s).to_owned()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "panicked".to_owned()
+            }
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let total = ticks(11) + ticks(12);
+    // USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(total * 10)
+}

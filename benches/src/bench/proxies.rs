@@ -1,0 +1,301 @@
+//! The main table: throughput, latency and memory of each path at each connection count,
+//! interleaved over repetitions.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use thaw_benches::harness::{Activator, QueueProxy};
+use thaw_benches::load::LoadResult;
+
+use super::nginx::Nginx;
+use super::{
+    check_some_ok, group, median, mib, ms, ms_spread, panic_message, progress, rps_spread,
+    run_with_rss, static_revision_yaml, wait_ok, Ctx, Section, Table,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Direct,
+    Nginx,
+    QueueProxy { cc: usize },
+    Activator { cc: usize },
+}
+
+/// Every scenario of the table, by its `--only` name, in order.
+pub const SCENARIOS: [(&str, Path); 6] = [
+    ("direct", Path::Direct),
+    ("nginx", Path::Nginx),
+    ("qp-cc0", Path::QueueProxy { cc: 0 }),
+    ("qp-cc100", Path::QueueProxy { cc: 100 }),
+    ("activator-cc0", Path::Activator { cc: 0 }),
+    ("activator-cc100", Path::Activator { cc: 100 }),
+];
+
+impl Path {
+    pub fn label(self) -> String {
+        match self {
+            Path::Direct => "direct (test app)".to_owned(),
+            Path::Nginx => "nginx, 1 worker".to_owned(),
+            Path::QueueProxy { cc } => format!("queue-proxy CC={cc}"),
+            Path::Activator { cc } => format!("activator → queue-proxy CC={cc}"),
+        }
+    }
+}
+
+/// One measured cell.
+#[derive(Debug, Clone)]
+struct Sample {
+    rps: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+    errors: u64,
+    statuses: BTreeMap<u16, u64>,
+    /// Peak RSS (KiB) of the proxy (the activator on its rows).
+    rss: Option<u64>,
+    /// Peak RSS (KiB) of the queue-proxy behind the activator.
+    behind_rss: Option<u64>,
+}
+
+impl Sample {
+    fn from(r: &LoadResult, rss: Option<u64>, behind_rss: Option<u64>) -> Sample {
+        Sample {
+            rps: r.rps(),
+            p50: r.p50_us() as f64,
+            p90: r.p90_us() as f64,
+            p99: r.p99_us() as f64,
+            max: r.max_us() as f64,
+            errors: r.errors,
+            statuses: r.statuses.clone(),
+            rss,
+            behind_rss,
+        }
+    }
+}
+
+/// The scenarios selected by `--only` (all by default).
+pub fn selected(ctx: &Ctx) -> Result<Vec<Path>, String> {
+    match &ctx.only {
+        None => Ok(SCENARIOS.iter().map(|(_, p)| *p).collect()),
+        Some(names) => {
+            let mut out = Vec::new();
+            for name in names {
+                match SCENARIOS.iter().find(|(n, _)| n == name) {
+                    Some((_, p)) => out.push(*p),
+                    None => {
+                        return Err(format!(
+                            "unknown scenario {name:?}; the scenarios are: {}",
+                            SCENARIOS.map(|(n, _)| n).join(", ")
+                        ))
+                    }
+                }
+            }
+            // Keep the table's order whatever the order given.
+            out.sort_by_key(|p| SCENARIOS.iter().position(|(_, q)| q == p));
+            out.dedup();
+            Ok(out)
+        }
+    }
+}
+
+/// Measures one cell: starts the path's fresh proxy processes in front of `app`, runs the
+/// load, samples the proxy's RSS.
+async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Result<Sample, String> {
+    match path {
+        Path::Direct => {
+            let spec = ctx.spec(app, "/", conns);
+            let (r, _) = run_with_rss(&spec, &[]).await;
+            check_some_ok("direct", &r)?;
+            Ok(Sample::from(&r, None, None))
+        }
+        Path::Nginx => {
+            let bin = ctx.nginx.clone().ok_or("nginx not found")?;
+            let nginx = Nginx::start(&bin, app).await?;
+            let worker = nginx.worker_pid().ok_or("no nginx worker process")?;
+            let spec = ctx.spec(nginx.addr, "/", conns);
+            let (r, peaks) = run_with_rss(&spec, &[worker]).await;
+            nginx.stop().await;
+            check_some_ok("nginx", &r)?;
+            Ok(Sample::from(&r, Some(peaks[0]), None))
+        }
+        Path::QueueProxy { cc } => {
+            let cc = cc.to_string();
+            let qp = QueueProxy::start(app.port(), &[("CONTAINER_CONCURRENCY", &cc)]).await;
+            let spec = ctx.spec(qp.serving, "/", conns);
+            let (r, peaks) = run_with_rss(&spec, &[qp.pid() as u32]).await;
+            check_some_ok(&path.label(), &r)?;
+            Ok(Sample::from(&r, Some(peaks[0]), None))
+        }
+        Path::Activator { cc } => {
+            let cc_s = cc.to_string();
+            let qp = QueueProxy::start(app.port(), &[("CONTAINER_CONCURRENCY", &cc_s)]).await;
+            let act = Activator::start(&static_revision_yaml(qp.serving.port(), cc), &[]).await;
+            // The warm path: the activator has probed the pod and routes to it.
+            wait_ok(act.http, "/", Some("hello.local")).await?;
+            let spec = ctx.spec(act.http, "/", conns).header("host", "hello.local");
+            let (r, peaks) = run_with_rss(&spec, &[act.pid(), qp.pid() as u32]).await;
+            check_some_ok(&path.label(), &r)?;
+            Ok(Sample::from(&r, Some(peaks[0]), Some(peaks[1])))
+        }
+    }
+}
+
+pub async fn run(ctx: Arc<Ctx>) -> Section {
+    let mut section = Section::new("Throughput, latency and memory per path");
+    let paths = match selected(&ctx) {
+        Ok(p) => p,
+        Err(e) => {
+            section.fail(e);
+            return section;
+        }
+    };
+    let paths: Vec<Path> = paths
+        .into_iter()
+        .filter(|p| *p != Path::Nginx || ctx.nginx.is_some())
+        .collect();
+    if ctx.nginx.is_none() {
+        section.line("nginx not found: its rows are skipped (apt-get install nginx)\n");
+        progress("nginx not found: its rows are skipped (apt-get install nginx)");
+    }
+
+    // samples[(path index, conns)] = one Sample per repetition.
+    let mut samples: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
+    let mut failed: BTreeMap<(usize, usize), String> = BTreeMap::new();
+    for rep in 1..=ctx.reps {
+        let app = ctx.start_app().await;
+        for &conns in &ctx.connections {
+            for (i, &path) in paths.iter().enumerate() {
+                progress(&format!(
+                    "rep {rep}/{}: {} at {conns} connections",
+                    ctx.reps,
+                    path.label()
+                ));
+                let task = tokio::spawn(cell(Arc::clone(&ctx), path, app.addr, conns));
+                let outcome = match task.await {
+                    Ok(r) => r,
+                    Err(e) => Err(panic_message(e)),
+                };
+                match outcome {
+                    Ok(s) => {
+                        progress(&format!(
+                            "  {} rps, p99 {} ms, errors {}",
+                            group(s.rps.round() as u64),
+                            ms(s.p99),
+                            s.errors
+                        ));
+                        samples.entry((i, conns)).or_default().push(s);
+                    }
+                    Err(e) => {
+                        let what = format!("{} at {conns} connections: {e}", path.label());
+                        section.fail(what);
+                        failed.entry((i, conns)).or_insert(e);
+                    }
+                }
+            }
+        }
+        drop(app);
+    }
+
+    let nginx_index = paths.iter().position(|p| *p == Path::Nginx);
+    let mut table = Table::new(&[
+        "path",
+        "conns",
+        "rps: median (min–max)",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms: median (min–max)",
+        "max ms",
+        "errors",
+        "peak RSS MiB",
+        "rps ÷ nginx",
+        "p99 ÷ nginx",
+    ]);
+    let mut notes = Vec::new();
+    for &conns in &ctx.connections {
+        let nginx = nginx_index.and_then(|n| samples.get(&(n, conns)));
+        let nginx_rps = nginx.map(|s| median(&s.iter().map(|x| x.rps).collect::<Vec<_>>()));
+        let nginx_p99 = nginx.map(|s| median(&s.iter().map(|x| x.p99).collect::<Vec<_>>()));
+        for (i, &path) in paths.iter().enumerate() {
+            let Some(s) = samples.get(&(i, conns)) else {
+                let why = failed.get(&(i, conns)).cloned().unwrap_or_default();
+                let mut cells = vec![path.label(), conns.to_string(), format!("FAILED: {why}")];
+                cells.resize(11, String::new());
+                table.row(cells);
+                continue;
+            };
+            let col = |f: fn(&Sample) -> f64| s.iter().map(f).collect::<Vec<f64>>();
+            let rps = col(|x| x.rps);
+            let p99 = col(|x| x.p99);
+            let max = s.iter().map(|x| x.max).fold(0.0, f64::max);
+            let errors: u64 = s.iter().map(|x| x.errors).sum();
+            let rss = s.iter().filter_map(|x| x.rss).max();
+            let (rps_ratio, p99_ratio) = match (path, nginx_rps, nginx_p99) {
+                (Path::Direct | Path::Nginx, _, _) | (_, None, _) | (_, _, None) => {
+                    ("—".to_owned(), "—".to_owned())
+                }
+                (_, Some(nr), Some(np)) => (
+                    format!("{:.2}×", median(&rps) / nr),
+                    format!("{:.2}×", median(&p99) / np),
+                ),
+            };
+            if errors > 0 {
+                let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+                for x in s {
+                    for (k, v) in &x.statuses {
+                        *statuses.entry(*k).or_default() += v;
+                    }
+                }
+                notes.push(format!(
+                    "{} at {conns} connections: {errors} errors over {} runs; statuses {:?}",
+                    path.label(),
+                    s.len(),
+                    statuses
+                ));
+            }
+            if let Some(behind) = s.iter().filter_map(|x| x.behind_rss).max() {
+                notes.push(format!(
+                    "{} at {conns} connections: the RSS column is the activator's; the queue-proxy behind it peaked at {} MiB",
+                    path.label(),
+                    mib(behind)
+                ));
+            }
+            table.row(vec![
+                path.label(),
+                conns.to_string(),
+                rps_spread(&rps),
+                ms(median(&col(|x| x.p50))),
+                ms(median(&col(|x| x.p90))),
+                ms_spread(&p99),
+                ms(max),
+                errors.to_string(),
+                rss.map_or("—".to_owned(), mib),
+                rps_ratio,
+                p99_ratio,
+            ]);
+        }
+    }
+    section.line(&table.render());
+    section.line(&format!(
+        "GET / (12-byte `hello world` body) over HTTP/1.1 keep-alive, closed loop, {} warm-up + {} measured per cell, {} repetition(s) interleaved (every path once per repetition, one test app process per repetition, a fresh proxy process per cell). rps and p99 show the median and the min–max over repetitions; p50 and p90 are medians; max is the worst of all repetitions; errors are summed; peak RSS is the highest of the 100 ms samples during the measured windows (nginx: its worker process). Ratios divide medians by nginx's at the same connection count.",
+        humantime(ctx.warmup),
+        humantime(ctx.duration),
+        ctx.reps
+    ));
+    if !notes.is_empty() {
+        section.line("");
+        for n in notes {
+            section.line(&format!("- {n}"));
+        }
+    }
+    section
+}
+
+pub fn humantime(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
