@@ -172,8 +172,7 @@ enum Refused {
 
 type Proxied = (Response<Incoming>, PodPermit, Option<Duration>);
 
-/// Waits for a pod with a free slot, then proxies; a request that could not connect and
-/// has no body is tried on another pod (nothing reached the first one).
+/// Waits for a pod with a free slot, then proxies.
 async fn throttle_and_proxy(
     state: &State,
     revision: &Revision,
@@ -188,55 +187,77 @@ async fn throttle_and_proxy(
     if cold {
         state.platform.need_capacity(&revision.spec.id);
     }
-    let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
-    let template = bodiless.then(|| clone_parts(&parts));
-    let mut outbound = Some(Request::from_parts(
-        parts,
-        if bodiless {
-            Either::Right(Empty::new())
-        } else {
-            Either::Left(body)
-        },
-    ));
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let permit = revision
-            .throttler
-            .acquire(cost)
-            .await
-            .map_err(Refused::Throttled)?;
-        let cold_wait = cold.then(|| started.elapsed());
-        let req = match outbound.take() {
-            Some(r) => r,
-            // Only requests with a template come round again (see below).
-            None => Request::from_parts(
-                clone_parts(template.as_ref().unwrap_or(&empty_parts())),
-                Either::Right(Empty::new()),
-            ),
-        };
-        let addr = permit.addr();
-        match state.upstream.forward_to(addr, req, &state.upgrades).await {
-            Ok(resp) => return Ok((resp, permit, cold_wait)),
-            Err(e) if e.is_connect() => {
-                revision.backends.unreachable(addr);
-                // Another try only makes sense on another ready pod; with none, waiting
-                // for one would turn a clear 502 into a timeout.
-                if template.is_none()
-                    || attempt >= CONNECT_ATTEMPTS
-                    || revision.throttler.ready_pods() == 0
-                {
-                    return Err(Refused::Upstream(e));
-                }
-                tracing::debug!(%addr, error = %e, "pod refused the connection; trying another");
-            }
-            Err(e) => return Err(Refused::Upstream(e)),
+    let permit = match revision
+        .throttler
+        .try_acquire()
+        .map_err(Refused::Throttled)?
+    {
+        Some(permit) => permit,
+        None => {
+            // About to wait, perhaps for long: hold the head in its own small allocation
+            // rather than keep the server's whole read buffer alive through it.
+            compact_head(&mut parts);
+            revision
+                .throttler
+                .acquire(cost)
+                .await
+                .map_err(Refused::Throttled)?
         }
-    }
+    };
+    let cold_wait = cold.then(|| started.elapsed());
+    // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
+    // here, once a pod is found, keeps it out of every parked request: a parked request
+    // holds only its head and its place in the queue.
+    let (resp, permit) = Box::pin(proxy_with_retry(state, revision, parts, body, permit)).await?;
+    Ok((resp, permit, cold_wait))
 }
 
-fn empty_parts() -> Parts {
-    Request::new(()).into_parts().0
+/// Proxies to the permit's pod. A request that could not connect and has no body is
+/// tried on another ready pod: nothing reached the first one.
+async fn proxy_with_retry(
+    state: &State,
+    revision: &Revision,
+    parts: Parts,
+    body: Incoming,
+    mut permit: PodPermit,
+) -> Result<(Response<Incoming>, PodPermit), Refused> {
+    let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
+    // A copy for a retry is only worth making when another pod could take it.
+    let template = (bodiless && revision.throttler.ready_pods() > 1).then(|| clone_parts(&parts));
+    let body = if bodiless {
+        Either::Right(Empty::new())
+    } else {
+        Either::Left(body)
+    };
+    let mut req = Request::from_parts(parts, body);
+    let mut attempt = 1;
+    loop {
+        let addr = permit.addr();
+        let err = match state.upstream.forward_to(addr, req, &state.upgrades).await {
+            Ok(resp) => return Ok((resp, permit)),
+            Err(e) => e,
+        };
+        if !err.is_connect() {
+            return Err(Refused::Upstream(err));
+        }
+        revision.backends.unreachable(addr);
+        // With no other ready pod, waiting for one would turn a clear 502 into a timeout.
+        let Some(template) = &template else {
+            return Err(Refused::Upstream(err));
+        };
+        if attempt >= CONNECT_ATTEMPTS || revision.throttler.ready_pods() == 0 {
+            return Err(Refused::Upstream(err));
+        }
+        tracing::debug!(%addr, error = %err, "pod refused the connection; trying another");
+        attempt += 1;
+        drop(permit);
+        permit = revision
+            .throttler
+            .acquire(0)
+            .await
+            .map_err(Refused::Throttled)?;
+        req = Request::from_parts(clone_parts(template), Either::Right(Empty::new()));
+    }
 }
 
 /// CONTRACT §2.2 outbound rules: `Host` moves to `K-Original-Host`, the request is marked
@@ -267,6 +288,22 @@ fn rewrite_for_pod(parts: &mut Parts, client_ip: &HeaderValue) {
     let upgrade = proxy::is_upgrade(parts.version, &parts.headers);
     proxy::strip_hop_by_hop(&mut parts.headers, upgrade);
     proxy::append_forwarded_for(&mut parts.headers, client_ip);
+}
+
+/// Copies the request head out of the server's read buffer. hyper parses header values
+/// and the URI without copying, so they share (and keep alive) the connection's 8 KiB
+/// read buffer; a parked request needs only its few hundred bytes.
+fn compact_head(parts: &mut Parts) {
+    let mut headers = http::HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+            headers.append(name.clone(), v);
+        }
+    }
+    parts.headers = headers;
+    if let Ok(uri) = http::Uri::try_from(parts.uri.to_string()) {
+        parts.uri = uri;
+    }
 }
 
 fn clone_parts(parts: &Parts) -> Parts {

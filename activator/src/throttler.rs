@@ -467,6 +467,19 @@ impl Throttler {
     /// The caller bounds the wait (`tokio::time::timeout`): dropping the future removes
     /// the waiter without a trace, and a slot already handed to it goes to the next waiter
     /// or back to its pod.
+    /// A slot now, if one is free and nobody is waiting (so FIFO order holds); `None`
+    /// means the request would have to wait.
+    pub fn try_acquire(&self) -> Result<Option<PodPermit>, ThrottleError> {
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Err(self.gone());
+        }
+        if st.waiting > 0 {
+            return Ok(None);
+        }
+        Ok(st.take_slot().map(|addr| self.permit(addr)))
+    }
+
     pub async fn acquire(&self, body_cost: u64) -> Result<PodPermit, ThrottleError> {
         let rx = {
             let mut st = self.shared.lock();

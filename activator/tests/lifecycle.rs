@@ -50,7 +50,7 @@ fn bad_flags_and_config_give_one_line_and_exit_64() {
     let bad_yaml = dir.join("bad.yaml");
     std::fs::write(
         &bad_yaml,
-        "revisions:\n  - name: a\n  - name: b\n    containerConcurrency: many\n",
+        "revisions:\n  - name: a\n    command: [x]\n  - name: b\n    command: [x]\n    containerConcurrency: many\n",
     )
     .unwrap();
     let bad_yaml = bad_yaml.to_str().unwrap().to_owned();

@@ -79,6 +79,11 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 1)]
     app_threads: usize,
 
+    /// The nginx binary (default: /usr/sbin/nginx, else `nginx` on PATH); `none` skips
+    /// nginx's rows
+    #[arg(long, global = true)]
+    nginx: Option<PathBuf>,
+
     /// Worker threads of the load generator (0 = half the CPUs, at least 1: on a small
     /// machine the generator shares the cores with the app and the proxy, and one
     /// thread leaves them the most; `wrk-check` shows the measurement)
@@ -292,7 +297,11 @@ fn main() -> ExitCode {
             cli.load_threads
         },
         load_scheduler: cli.load_scheduler,
-        nginx: bench::nginx::find(),
+        nginx: match &cli.nginx {
+            None => bench::nginx::find(),
+            Some(p) if p.as_os_str() == "none" => None,
+            Some(p) => Some(p.clone()),
+        },
     };
     if cli.smoke {
         ctx.duration = Duration::from_millis(300);
@@ -363,5 +372,33 @@ fn main() -> ExitCode {
     } else {
         progress(&format!("{} failure(s); exit status 1", failures.len()));
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("300ms").unwrap(), Duration::from_millis(300));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn parses_connections() {
+        assert_eq!(parse_connections("32,256").unwrap().0, vec![32, 256]);
+        assert!(parse_connections("0").is_err());
+        assert!(parse_connections("a").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -181,7 +181,7 @@ pub async fn wrk_check(ctx: Arc<Ctx>) -> Section {
         spec.threads = threads;
         spec.scheduler = scheduler;
         let (app0, me0) = (cpu_time(app.pid()), cpu_time(me));
-        let (r, _) = run_with_rss(&spec, &[]).await;
+        let r = run_with_rss(&spec, &[]).await.result;
         let (app1, me1) = (cpu_time(app.pid()), cpu_time(me));
         if let Err(e) = super::check_some_ok("wrk-check", &r) {
             section.fail(e);
@@ -292,5 +292,20 @@ pub fn app_desc(ctx: &Ctx) -> String {
         "`thaw-testapp --threads 1`, a current-thread runtime".to_owned()
     } else {
         format!("`thaw-testapp --threads {}`", ctx.app_threads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 5s test @ http://127.0.0.1:1/\n  1 threads and 32 connections\n  Latency Distribution\n     50%  155.00us\n     75%  200.00us\n     90%  250.00us\n     99%    1.20ms\n  900000 requests in 5.00s, 100.00MB read\nRequests/sec: 180000.50\nTransfer/sec:     20.00MB\n";
+        let w = parse_wrk(out).unwrap();
+        assert_eq!(w.rps, 180000.50);
+        assert_eq!(w.p50_us, Some(155.0));
+        assert_eq!(w.p99_us, Some(1200.0));
+        assert_eq!(parse_wrk_latency("2.00s"), Some(2e6));
     }
 }

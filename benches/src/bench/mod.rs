@@ -140,12 +140,16 @@ impl Table {
 /// `41230` → `41 230`.
 pub fn group(n: u64) -> String {
     let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(' ');
-        }
-        out.push(c);
+    let head = match s.len() % 3 {
+        0 => 3,
+        r => r,
+    };
+    let mut out = s[..head].to_owned();
+    let mut rest = &s[head..];
+    while !rest.is_empty() {
+        out.push(' ');
+        out.push_str(&rest[..3]);
+        rest = &rest[3..];
     }
     out
 }
@@ -215,9 +219,19 @@ pub fn median(values: &[f64]) -> f64 {
 // Processes and HTTP
 // ---------------------------------------------------------------------------------------
 
+/// What [`run_with_rss`] measured.
+pub struct Measured {
+    pub result: LoadResult,
+    /// Peak RSS (KiB) per pid given, over the measured window.
+    pub peaks: Vec<u64>,
+    /// CPU (in cores) that processes other than this bench and its children used during
+    /// the measured window, plus time stolen by the hypervisor: the machine's noise.
+    pub foreign: f64,
+}
+
 /// Runs `spec` while sampling the peak RSS of `pids` every 100 ms during the measured
-/// window. Returns the result and one peak (KiB) per pid.
-pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> (LoadResult, Vec<u64>) {
+/// window, and how busy the rest of the machine was meanwhile.
+pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> Measured {
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let stop = Arc::clone(&stop);
@@ -226,6 +240,8 @@ pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> (LoadResult, Vec<u64
         tokio::spawn(async move {
             let mut peaks = vec![0u64; pids.len()];
             tokio::time::sleep(warmup).await;
+            let started = std::time::Instant::now();
+            let cpu0 = CpuSnapshot::take();
             loop {
                 for (peak, pid) in peaks.iter_mut().zip(&pids) {
                     *peak = (*peak).max(harness::rss_kib(*pid));
@@ -235,13 +251,90 @@ pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> (LoadResult, Vec<u64
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            peaks
+            let foreign = CpuSnapshot::take().foreign_since(&cpu0, started.elapsed());
+            (peaks, foreign)
         })
     };
     let result = load::run_async(spec).await;
     stop.store(true, Ordering::Relaxed);
-    let peaks = sampler.await.expect("rss sampler");
-    (result, peaks)
+    let (peaks, foreign) = sampler.await.expect("rss sampler");
+    Measured {
+        result,
+        peaks,
+        foreign,
+    }
+}
+
+/// CPU time of the whole machine and of this process tree at one instant.
+struct CpuSnapshot {
+    /// user + nice + system of every CPU, from `/proc/stat`.
+    busy: Duration,
+    /// Time stolen by the hypervisor.
+    steal: Duration,
+    /// CPU time of this process and its descendants.
+    ours: Duration,
+}
+
+impl CpuSnapshot {
+    fn take() -> CpuSnapshot {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let tick = |i: usize| Duration::from_millis(fields.get(i).copied().unwrap_or(0) * 10);
+        let ours = process_tree(std::process::id())
+            .into_iter()
+            .map(cpu_time)
+            .sum();
+        CpuSnapshot {
+            busy: tick(0) + tick(1) + tick(2),
+            steal: tick(7),
+            ours,
+        }
+    }
+
+    /// Cores used by others between `earlier` and now.
+    fn foreign_since(&self, earlier: &CpuSnapshot, wall: Duration) -> f64 {
+        let busy = self.busy.saturating_sub(earlier.busy);
+        let ours = self.ours.saturating_sub(earlier.ours);
+        let steal = self.steal.saturating_sub(earlier.steal);
+        (busy.saturating_sub(ours) + steal).as_secs_f64() / wall.as_secs_f64().max(1e-3)
+    }
+}
+
+/// `root` and every process descending from it.
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
 }
 
 /// One GET with optional Host, on a fresh connection, with a timeout.
@@ -369,4 +462,36 @@ pub fn cpu_time(pid: u32) -> Duration {
     let total = ticks(11) + ticks(12);
     // USER_HZ is 100 on every Linux this runs on.
     Duration::from_millis(total * 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1 000");
+        assert_eq!(group(41230), "41 230");
+        assert_eq!(group(1234567), "1 234 567");
+    }
+
+    #[test]
+    fn spreads() {
+        assert_eq!(spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(spread(&[4.0, 1.0]), (2.5, 1.0, 4.0));
+        assert_eq!(rps_spread(&[41230.0]), "41 230");
+        assert_eq!(
+            rps_spread(&[39800.0, 41230.0, 42100.0]),
+            "41 230 (39 800–42 100)"
+        );
+    }
+
+    #[test]
+    fn sums_metrics() {
+        let text = "# HELP x\nactivator_requests_waiting{revision=\"a\"} 3\nactivator_requests_waiting{revision=\"b\"} 4\nactivator_requests_waiting_total 9\n";
+        assert_eq!(metric_sum(text, "activator_requests_waiting"), Some(7.0));
+        assert_eq!(metric_sum(text, "nope"), None);
+    }
 }

@@ -19,7 +19,8 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
     let qp = QueueProxy::start(app.port(), &[("CONTAINER_CONCURRENCY", &CC.to_string())]).await;
     let path = format!("/delay?ms={DELAY_MS}");
     let spec = ctx.spec(qp.serving, &path, conns);
-    let (r, peaks) = run_with_rss(&spec, &[qp.pid() as u32]).await;
+    let m = run_with_rss(&spec, &[qp.pid() as u32]).await;
+    let (r, peaks) = (m.result, m.peaks);
     if r.ok == 0 {
         section.fail(format!(
             "overload: no request was accepted (statuses {}, {} transport errors)",

@@ -6,12 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use thaw_benches::harness::{Activator, QueueProxy};
-use thaw_benches::load::LoadResult;
 
 use super::nginx::Nginx;
 use super::{
     check_some_ok, group, median, mib, ms, ms_spread, panic_message, progress, rps_spread,
-    run_with_rss, static_revision_yaml, wait_ok, Ctx, Section, Table,
+    run_with_rss, static_revision_yaml, wait_ok, Ctx, Measured, Section, Table,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +56,15 @@ struct Sample {
     rss: Option<u64>,
     /// Peak RSS (KiB) of the queue-proxy behind the activator.
     behind_rss: Option<u64>,
+    /// Cores other processes used meanwhile.
+    foreign: f64,
 }
 
 impl Sample {
-    fn from(r: &LoadResult, rss: Option<u64>, behind_rss: Option<u64>) -> Sample {
+    fn from(m: &Measured, rss: Option<u64>, behind_rss: Option<u64>) -> Sample {
+        let r = &m.result;
         Sample {
+            foreign: m.foreign,
             rps: r.rps(),
             p50: r.p50_us() as f64,
             p90: r.p90_us() as f64,
@@ -106,27 +109,27 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Resul
     match path {
         Path::Direct => {
             let spec = ctx.spec(app, "/", conns);
-            let (r, _) = run_with_rss(&spec, &[]).await;
-            check_some_ok("direct", &r)?;
-            Ok(Sample::from(&r, None, None))
+            let m = run_with_rss(&spec, &[]).await;
+            check_some_ok("direct", &m.result)?;
+            Ok(Sample::from(&m, None, None))
         }
         Path::Nginx => {
             let bin = ctx.nginx.clone().ok_or("nginx not found")?;
             let nginx = Nginx::start(&bin, app).await?;
             let worker = nginx.worker_pid().ok_or("no nginx worker process")?;
             let spec = ctx.spec(nginx.addr, "/", conns);
-            let (r, peaks) = run_with_rss(&spec, &[worker]).await;
+            let m = run_with_rss(&spec, &[worker]).await;
             nginx.stop().await;
-            check_some_ok("nginx", &r)?;
-            Ok(Sample::from(&r, Some(peaks[0]), None))
+            check_some_ok("nginx", &m.result)?;
+            Ok(Sample::from(&m, Some(m.peaks[0]), None))
         }
         Path::QueueProxy { cc } => {
             let cc = cc.to_string();
             let qp = QueueProxy::start(app.port(), &[("CONTAINER_CONCURRENCY", &cc)]).await;
             let spec = ctx.spec(qp.serving, "/", conns);
-            let (r, peaks) = run_with_rss(&spec, &[qp.pid() as u32]).await;
-            check_some_ok(&path.label(), &r)?;
-            Ok(Sample::from(&r, Some(peaks[0]), None))
+            let m = run_with_rss(&spec, &[qp.pid() as u32]).await;
+            check_some_ok(&path.label(), &m.result)?;
+            Ok(Sample::from(&m, Some(m.peaks[0]), None))
         }
         Path::Activator { cc } => {
             let cc_s = cc.to_string();
@@ -135,9 +138,9 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Resul
             // The warm path: the activator has probed the pod and routes to it.
             wait_ok(act.http, "/", Some("hello.local")).await?;
             let spec = ctx.spec(act.http, "/", conns).header("host", "hello.local");
-            let (r, peaks) = run_with_rss(&spec, &[act.pid(), qp.pid() as u32]).await;
-            check_some_ok(&path.label(), &r)?;
-            Ok(Sample::from(&r, Some(peaks[0]), Some(peaks[1])))
+            let m = run_with_rss(&spec, &[act.pid(), qp.pid() as u32]).await;
+            check_some_ok(&path.label(), &m.result)?;
+            Ok(Sample::from(&m, Some(m.peaks[0]), Some(m.peaks[1])))
         }
     }
 }
@@ -180,10 +183,11 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
                 match outcome {
                     Ok(s) => {
                         progress(&format!(
-                            "  {} rps, p99 {} ms, errors {}",
+                            "  {} rps, p99 {} ms, errors {}, other processes' CPU {:.2} cores",
                             group(s.rps.round() as u64),
                             ms(s.p99),
-                            s.errors
+                            s.errors,
+                            s.foreign
                         ));
                         samples.entry((i, conns)).or_default().push(s);
                     }
@@ -211,6 +215,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
         "peak RSS MiB",
         "rps ÷ nginx",
         "p99 ÷ nginx",
+        "other CPU",
     ]);
     let mut notes = Vec::new();
     for &conns in &ctx.connections {
@@ -221,7 +226,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
             let Some(s) = samples.get(&(i, conns)) else {
                 let why = failed.get(&(i, conns)).cloned().unwrap_or_default();
                 let mut cells = vec![path.label(), conns.to_string(), format!("FAILED: {why}")];
-                cells.resize(11, String::new());
+                cells.resize(12, String::new());
                 table.row(cells);
                 continue;
             };
@@ -273,15 +278,17 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
                 rss.map_or("—".to_owned(), mib),
                 rps_ratio,
                 p99_ratio,
+                format!("{:.2}", s.iter().map(|x| x.foreign).fold(0.0, f64::max)),
             ]);
         }
     }
     section.line(&table.render());
     section.line(&format!(
-        "GET / (12-byte `hello world` body) over HTTP/1.1 keep-alive, closed loop, {} warm-up + {} measured per cell, {} repetition(s) interleaved (every path once per repetition, one test app process per repetition, a fresh proxy process per cell). rps and p99 show the median and the min–max over repetitions; p50 and p90 are medians; max is the worst of all repetitions; errors are summed; peak RSS is the highest of the 100 ms samples during the measured windows (nginx: its worker process). Ratios divide medians by nginx's at the same connection count.",
+        "GET / (12-byte `hello world` body) over HTTP/1.1 keep-alive, closed loop, {} warm-up + {} measured per cell, {} repetition(s) interleaved (every path once per repetition, one test app process per repetition, a fresh proxy process per cell). rps and p99 show the median and the min–max over repetitions; p50 and p90 are medians; max is the worst of all repetitions; errors are summed; peak RSS is the highest of the 100 ms samples during the measured windows (nginx: its worker process). Ratios divide medians by nginx's at the same connection count. \"other CPU\" is the most CPU (in cores, of {}) that processes outside this bench and its children used during one of the cell's measured windows, plus hypervisor steal: well above 0 means the machine was not quiet and that cell's spread is noise.",
         humantime(ctx.warmup),
         humantime(ctx.duration),
-        ctx.reps
+        ctx.reps,
+        std::thread::available_parallelism().map_or(2, |n| n.get())
     ));
     if !notes.is_empty() {
         section.line("");

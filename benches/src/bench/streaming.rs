@@ -42,22 +42,21 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr) -> Result<Sample, Stri
     let url = format!("/bytes?n={BODY}");
     let (r, rss) = match path {
         Path::Direct => {
-            let (r, _) = run_with_rss(&ctx.spec(app, &url, CONNS), &[]).await;
-            (r, None)
+            let m = run_with_rss(&ctx.spec(app, &url, CONNS), &[]).await;
+            (m.result, None)
         }
         Path::Nginx => {
             let bin = ctx.nginx.clone().ok_or("nginx not found")?;
             let nginx = Nginx::start(&bin, app).await?;
             let worker = nginx.worker_pid().ok_or("no nginx worker process")?;
-            let (r, peaks) = run_with_rss(&ctx.spec(nginx.addr, &url, CONNS), &[worker]).await;
+            let m = run_with_rss(&ctx.spec(nginx.addr, &url, CONNS), &[worker]).await;
             nginx.stop().await;
-            (r, Some(peaks[0]))
+            (m.result, Some(m.peaks[0]))
         }
         Path::QueueProxy => {
             let qp = QueueProxy::start(app.port(), &[]).await;
-            let (r, peaks) =
-                run_with_rss(&ctx.spec(qp.serving, &url, CONNS), &[qp.pid() as u32]).await;
-            (r, Some(peaks[0]))
+            let m = run_with_rss(&ctx.spec(qp.serving, &url, CONNS), &[qp.pid() as u32]).await;
+            (m.result, Some(m.peaks[0]))
         }
     };
     check_some_ok(path.label(), &r)?;
