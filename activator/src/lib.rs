@@ -19,11 +19,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use thaw_shared::drain::UpgradeTracker;
+use thaw_shared::drain::{Signal, Signals, UpgradeTracker};
 use thaw_shared::proxy::{Dial, Upstream, UpstreamSettings};
 use thaw_shared::serve::{self, Transport};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::backends::ProbeSchedule;
@@ -146,8 +145,7 @@ pub async fn run_with(
     stats: Arc<RevisionStats>,
 ) -> Result<(), RunError> {
     let state = build_state(&config, Arc::clone(&platform), stats)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let mut signals = Signals::install().map_err(RunError::Signals)?;
 
     let http = bind(&config, "http", config.http_port).await?;
     let http_addr = http.local_addr().ok().map(|a| {
@@ -231,35 +229,17 @@ pub async fn run_with(
 
     // Kubernetes sends SIGTERM and expects the full drain; Ctrl-C at a terminal wants the
     // process gone soon.
-    let drain_period = tokio::select! {
-        _ = sigterm.recv() => config.drain_period,
-        _ = sigint.recv() => config.drain_period.min(Duration::from_secs(1)),
+    let drain_period = match signals.next().await {
+        Signal::Terminate => config.drain_period,
+        Signal::Interrupt => config.drain_period.min(Duration::from_secs(1)),
     };
     tracing::info!(drain_period = ?drain_period, "signal received; draining");
     state.draining.store(true, Ordering::Relaxed);
-    // A second signal means "now".
-    let second_signal_platform = Arc::clone(&platform);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-        tracing::warn!("second signal; exiting at once");
-        second_signal_platform.kill_now();
-        std::process::exit(1);
-    });
+    let doomed = Arc::clone(&platform);
+    signals.exit_on_next(move || doomed.kill_now());
     tokio::time::sleep(drain_period).await;
     tracing::info!("drain period over; finishing in-flight and buffered requests");
-    let _ = stop_traffic.send(true);
-    for t in traffic {
-        let _ = t.await;
-    }
-    if !state.upgrades.wait_closed(UpgradeTracker::GRACE).await {
-        tracing::warn!(
-            open = state.upgrades.open(),
-            "upgraded connections still open after the grace period"
-        );
-    }
+    serve::finish_traffic(&stop_traffic, traffic, &state.upgrades).await;
     applier.abort();
     platform.shutdown().await;
     let _ = stop_aux.send(true);

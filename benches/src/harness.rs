@@ -151,6 +151,77 @@ pub fn knative_env(user_port: u16) -> HashMap<String, String> {
     .collect()
 }
 
+/// A child process whose JSON log lines on stdout are kept, and which reported the
+/// addresses of its listeners in `listening` lines.
+struct Logged {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    listeners: HashMap<String, SocketAddr>,
+}
+
+impl Logged {
+    /// Spawns `cmd` and waits until it has logged a `listening` line for each of `wanted`.
+    async fn spawn(cmd: &mut Command, what: &str, wanted: &[&str]) -> Logged {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Arc::clone(&logs);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line.clone());
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut listeners: HashMap<String, SocketAddr> = HashMap::new();
+        while !wanted.iter().all(|w| listeners.contains_key(*w)) {
+            let line = tokio::time::timeout(EVENTUALLY, rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what} did not report its listeners in time"))
+                .unwrap_or_else(|| panic!("{what} exited before listening"));
+            let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+            if v["message"] == "listening" {
+                let name = v["listener"].as_str().unwrap().to_owned();
+                listeners.insert(name, v["address"].as_str().unwrap().parse().unwrap());
+            }
+        }
+        Logged {
+            child,
+            logs,
+            listeners,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("process still running")
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("process did not exit")
+            .unwrap()
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
 /// A running queue-proxy child process and the addresses it bound.
 pub struct QueueProxy {
     pub serving: SocketAddr,
@@ -158,8 +229,7 @@ pub struct QueueProxy {
     pub metrics: SocketAddr,
     pub user_metrics: SocketAddr,
     pub tls: Option<SocketAddr>,
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+    process: Logged,
 }
 
 impl QueueProxy {
@@ -174,46 +244,22 @@ impl QueueProxy {
     }
 
     pub async fn start_with_env(env: HashMap<String, String>) -> QueueProxy {
-        let mut child = Command::new(bin("queue-proxy"))
-            .env_clear()
-            .envs(env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start queue-proxy");
-        let stdout = child.stdout.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let sink = Arc::clone(&logs);
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line.clone());
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut found: HashMap<String, SocketAddr> = HashMap::new();
-        let wanted = ["serving", "admin", "metrics", "user-metrics"];
-        while !wanted.iter().all(|w| found.contains_key(*w)) {
-            let line = tokio::time::timeout(EVENTUALLY, rx.recv())
-                .await
-                .expect("queue-proxy did not report its listeners in time")
-                .expect("queue-proxy exited before listening");
-            let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
-            if v["message"] == "listening" {
-                let name = v["listener"].as_str().unwrap().to_owned();
-                found.insert(name, v["address"].as_str().unwrap().parse().unwrap());
-            }
-        }
+        let mut cmd = Command::new(bin("queue-proxy"));
+        cmd.env_clear().envs(env);
+        let process = Logged::spawn(
+            &mut cmd,
+            "queue-proxy",
+            &["serving", "admin", "metrics", "user-metrics"],
+        )
+        .await;
+        let found = &process.listeners;
         QueueProxy {
             serving: found["serving"],
             admin: found["admin"],
             metrics: found["metrics"],
             user_metrics: found["user-metrics"],
             tls: found.get("tls").copied(),
-            child,
-            logs,
+            process,
         }
     }
 
@@ -222,15 +268,11 @@ impl QueueProxy {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id().expect("queue-proxy still running") as i32
+        self.process.pid() as i32
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.process.signal(signal);
     }
 
     pub fn sigterm(&self) {
@@ -238,14 +280,11 @@ impl QueueProxy {
     }
 
     pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .expect("queue-proxy did not exit")
-            .unwrap()
+        self.process.wait_exit(limit).await
     }
 
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        self.process.logs()
     }
 
     /// The user metrics text.
@@ -350,8 +389,7 @@ pub struct Activator {
     pub http: SocketAddr,
     pub h2c: SocketAddr,
     pub metrics: SocketAddr,
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+    process: Logged,
     _config: tempfile_path::TempPath,
 }
 
@@ -373,8 +411,8 @@ impl Activator {
         let path =
             std::env::temp_dir().join(format!("thaw-activator-{}-{n}.yaml", std::process::id()));
         std::fs::write(&path, yaml).unwrap();
-        let mut child = Command::new(bin("activator"))
-            .arg("--config")
+        let mut cmd = Command::new(bin("activator"));
+        cmd.arg("--config")
             .arg(&path)
             .args([
                 "--listen-address",
@@ -387,46 +425,14 @@ impl Activator {
                 "0",
             ])
             .args(flags)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start activator");
-        let stdout = child.stdout.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let sink = Arc::clone(&logs);
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line.clone());
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut found: HashMap<String, SocketAddr> = HashMap::new();
-        while !["http", "h2c", "metrics"]
-            .iter()
-            .all(|w| found.contains_key(*w))
-        {
-            let line = tokio::time::timeout(EVENTUALLY, rx.recv())
-                .await
-                .expect("activator did not report its listeners in time")
-                .expect("activator exited before listening");
-            let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
-            if v["message"] == "listening" {
-                found.insert(
-                    v["listener"].as_str().unwrap().to_owned(),
-                    v["address"].as_str().unwrap().parse().unwrap(),
-                );
-            }
-        }
+            .env_remove("RUST_LOG");
+        let process = Logged::spawn(&mut cmd, "activator", &["http", "h2c", "metrics"]).await;
+        let found = &process.listeners;
         Activator {
             http: found["http"],
             h2c: found["h2c"],
             metrics: found["metrics"],
-            child,
-            logs,
+            process,
             _config: tempfile_path::TempPath(path),
         }
     }
@@ -436,26 +442,19 @@ impl Activator {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id().expect("activator still running")
+        self.process.pid()
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.process.signal(signal);
     }
 
     pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .expect("activator did not exit")
-            .unwrap()
+        self.process.wait_exit(limit).await
     }
 
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        self.process.logs()
     }
 
     pub async fn metrics_text(&self) -> String {

@@ -79,6 +79,11 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 1)]
     app_threads: usize,
 
+    /// Before each measurement, wait at most this long for other processes on the
+    /// machine to use less than 0.15 cores (0 = do not wait)
+    #[arg(long, global = true, default_value = "20s", value_parser = parse_wait)]
+    quiet_wait: Duration,
+
     /// The nginx binary (default: /usr/sbin/nginx, else `nginx` on PATH); `none` skips
     /// nginx's rows
     #[arg(long, global = true)]
@@ -153,6 +158,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("the duration must be positive, got {s:?}"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        Ok(Duration::ZERO)
+    } else {
+        parse_duration(s)
+    }
 }
 
 fn parse_connections(s: &str) -> Result<Connections, String> {
@@ -245,7 +258,7 @@ fn header(ctx: &Ctx) -> String {
          - date: {date}\n\
          - machine: nproc {nproc}, CPU {cpu}, kernel {kernel}\n\
          - build: {build}; binaries from `{}`\n\
-         - settings: duration {}, warm-up {}, {} repetition(s), connections {:?}{}\n\
+         - settings: duration {}, warm-up {}, {} repetition(s), connections {:?}{}; each measurement waits up to {} for other processes to use < 0.15 cores\n\
          - test app: {}\n\
          - load generator: in-tree, hyper HTTP/1.1 client, one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
          - queue-proxy and activator: their default runtimes (worker threads = CPUs available)\n\
@@ -258,6 +271,7 @@ fn header(ctx: &Ctx) -> String {
         ctx.reps,
         ctx.connections,
         if ctx.smoke { " (--smoke)" } else { "" },
+        bench::proxies::humantime(ctx.quiet_wait),
         bench::misc::app_desc(ctx),
     )
 }
@@ -297,6 +311,7 @@ fn main() -> ExitCode {
             cli.load_threads
         },
         load_scheduler: cli.load_scheduler,
+        quiet_wait: cli.quiet_wait,
         nginx: match &cli.nginx {
             None => bench::nginx::find(),
             Some(p) if p.as_os_str() == "none" => None,
@@ -310,6 +325,7 @@ fn main() -> ExitCode {
         ctx.connections = vec![4];
         ctx.parked = 200;
         ctx.coldstart_runs = 2;
+        ctx.quiet_wait = Duration::ZERO;
     }
     if ctx.nginx.is_none() {
         progress("nginx not found: its rows are skipped (apt-get install nginx)");

@@ -37,19 +37,7 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     crate::logging::init(&config.logging_level);
 
-    let threads = config
-        .worker_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let runtime = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    };
+    let runtime = thaw_shared::runtime::build(config.worker_threads);
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {

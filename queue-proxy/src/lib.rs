@@ -15,12 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thaw_shared::breaker::Breaker;
-use thaw_shared::drain::{Drainer, UpgradeTracker};
+use thaw_shared::drain::{Drainer, Signals, UpgradeTracker};
 use thaw_shared::probe::{Prober, ProberOptions};
 use thaw_shared::proxy::{Dial, Upstream, UpstreamSettings};
 use thaw_shared::stats::ConcurrencyRecorder;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -92,8 +91,7 @@ pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
 /// Runs the queue-proxy until it has drained after SIGTERM (or SIGINT).
 pub async fn run(config: Config) -> Result<(), RunError> {
     let state = build_state(&config)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let mut signals = Signals::install().map_err(RunError::Signals)?;
 
     // Every port is bound before anything serves, so a clash fails the start cleanly.
     let serving = bind(&config, "serving", config.serving_port).await?;
@@ -178,34 +176,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let reporter = tokio::spawn(report_stats(Arc::clone(&state), config.pod.clone()));
 
-    tokio::select! {
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
-    }
+    signals.next().await;
     tracing::info!(quiet_period = ?config.drain_quiet_period, "signal received; draining");
     state.drainer.start();
-    // Whoever sends a second signal wants the process gone now.
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-        tracing::warn!("second signal; exiting at once");
-        std::process::exit(1);
-    });
+    signals.exit_on_next(|| {});
 
     state.drainer.quiet().await;
     tracing::info!("quiet period over; finishing in-flight requests");
-    let _ = stop_traffic.send(true);
-    for t in traffic {
-        let _ = t.await;
-    }
-    if !state.upgrades.wait_closed(UpgradeTracker::GRACE).await {
-        tracing::warn!(
-            open = state.upgrades.open(),
-            "upgraded connections still open after the grace period"
-        );
-    }
+    serve::finish_traffic(&stop_traffic, traffic, &state.upgrades).await;
     state.drainer.finish();
     reporter.abort();
     let _ = stop_aux.send(true);

@@ -178,6 +178,51 @@ impl Drop for TrackedUpgrade {
     }
 }
 
+/// Which shutdown signal arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: Kubernetes stopping the pod; the full drain applies.
+    Terminate,
+    /// SIGINT: Ctrl-C at a terminal.
+    Interrupt,
+}
+
+/// SIGTERM and SIGINT as one source of shutdown signals.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; from then on these signals no longer kill the process.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next signal.
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Interrupt,
+        }
+    }
+
+    /// After the first signal: a second one means "now". `before_exit` runs, then the
+    /// process exits with status 1.
+    pub fn exit_on_next(mut self, before_exit: impl FnOnce() + Send + 'static) {
+        tokio::spawn(async move {
+            self.next().await;
+            tracing::warn!("second signal; exiting at once");
+            before_exit();
+            std::process::exit(1);
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod probe;
 pub mod proto;
 pub mod proxy;
+pub mod runtime;
 pub mod serve;
 pub mod stats;
 pub mod timeout;

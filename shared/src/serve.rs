@@ -124,3 +124,25 @@ pub async fn bind(what: &'static str, addr: SocketAddr) -> std::io::Result<TcpLi
     tracing::info!(listener = what, address = %bound, "listening");
     Ok(listener)
 }
+
+/// The end of a drain: stop the traffic listeners, let their connections finish, then give
+/// upgraded connections (websockets) up to their grace period.
+pub async fn finish_traffic(
+    stop: &watch::Sender<bool>,
+    servers: impl IntoIterator<Item = tokio::task::JoinHandle<()>>,
+    upgrades: &crate::drain::UpgradeTracker,
+) {
+    let _ = stop.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
+    if !upgrades
+        .wait_closed(crate::drain::UpgradeTracker::GRACE)
+        .await
+    {
+        tracing::warn!(
+            open = upgrades.open(),
+            "upgraded connections still open after the grace period"
+        );
+    }
+}

@@ -128,6 +128,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
     let mut section = Section::new(&format!("Cold-start pickup ({runs} runs)"));
     let mut results = Vec::new();
     for i in 1..=runs {
+        super::wait_quiet(&ctx).await;
         progress(&format!("coldstart: run {i}/{runs}"));
         match tokio::spawn(one(i)).await {
             Ok(Ok(r)) => results.push(r),

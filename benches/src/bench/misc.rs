@@ -177,6 +177,7 @@ pub async fn wrk_check(ctx: Arc<Ctx>) -> Section {
         progress(&format!(
             "wrk-check: the in-tree generator, {threads} thread(s), {scheduler:?}"
         ));
+        super::wait_quiet(&ctx).await;
         let mut spec = ctx.spec(app.addr, "/", conns);
         spec.threads = threads;
         spec.scheduler = scheduler;
@@ -210,6 +211,7 @@ pub async fn wrk_check(ctx: Arc<Ctx>) -> Section {
             progress("wrk not found: skipping its row");
         }
         Some(wrk) => {
+            super::wait_quiet(&ctx).await;
             progress(&format!("wrk-check: wrk -t1 -c{conns} -d{secs}s"));
             let url = format!("http://{}/", app.addr);
             let app0 = cpu_time(app.pid());

@@ -37,6 +37,8 @@ pub struct Ctx {
     /// Worker threads of the load generator; 0 = one per CPU.
     pub load_threads: usize,
     pub load_scheduler: load::Scheduler,
+    /// Longest wait for a quiet machine before each measurement; zero = none.
+    pub quiet_wait: Duration,
     /// The nginx binary, if installed.
     pub nginx: Option<PathBuf>,
 }
@@ -304,6 +306,43 @@ impl CpuSnapshot {
         let ours = self.ours.saturating_sub(earlier.ours);
         let steal = self.steal.saturating_sub(earlier.steal);
         (busy.saturating_sub(ours) + steal).as_secs_f64() / wall.as_secs_f64().max(1e-3)
+    }
+}
+
+/// Cores that processes other than this bench and its children use, over `window`.
+pub async fn foreign_cpu(window: Duration) -> f64 {
+    let before = CpuSnapshot::take();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(window).await;
+    CpuSnapshot::take().foreign_since(&before, started.elapsed())
+}
+
+/// Waits (at most `ctx.quiet_wait`) until other processes use less than 0.15 cores, so
+/// that a measurement does not share the machine with, say, a compiler.
+pub async fn wait_quiet(ctx: &Ctx) {
+    if ctx.quiet_wait.is_zero() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + ctx.quiet_wait;
+    let mut said = false;
+    loop {
+        let busy = foreign_cpu(Duration::from_millis(500)).await;
+        if busy < 0.15 {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            progress(&format!(
+                "  the machine is still busy ({busy:.2} cores used by other processes); measuring anyway"
+            ));
+            return;
+        }
+        if !said {
+            progress(&format!(
+                "  waiting up to {:?} for other processes to quieten (they use {busy:.2} cores)",
+                ctx.quiet_wait
+            ));
+            said = true;
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
     let app = ctx.start_app().await;
     let qp = QueueProxy::start(app.port(), &[("CONTAINER_CONCURRENCY", &CC.to_string())]).await;
     let path = format!("/delay?ms={DELAY_MS}");
+    super::wait_quiet(&ctx).await;
     let spec = ctx.spec(qp.serving, &path, conns);
     let m = run_with_rss(&spec, &[qp.pid() as u32]).await;
     let (r, peaks) = (m.result, m.peaks);

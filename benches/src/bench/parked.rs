@@ -79,6 +79,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
         "Parked: {} requests on a cold revision, then a pod comes up",
         group(n as u64)
     ));
+    super::wait_quiet(&ctx).await;
     match measure(&ctx, n).await {
         Ok(table) => section.line(&table),
         Err(e) => section.fail(format!("parked: {e}")),

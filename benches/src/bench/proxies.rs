@@ -175,6 +175,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
                     ctx.reps,
                     path.label()
                 ));
+                super::wait_quiet(&ctx).await;
                 let task = tokio::spawn(cell(Arc::clone(&ctx), path, app.addr, conns));
                 let outcome = match task.await {
                     Ok(r) => r,

@@ -103,6 +103,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
                 ctx.reps,
                 path.label()
             ));
+            super::wait_quiet(&ctx).await;
             let outcome = match tokio::spawn(cell(Arc::clone(&ctx), path, app.addr)).await {
                 Ok(r) => r,
                 Err(e) => Err(panic_message(e)),
