@@ -73,6 +73,7 @@ pub const THAW_READ_HEADER_TIMEOUT: &str = "THAW_READ_HEADER_TIMEOUT";
 pub const THAW_TLS_CERT_FILE: &str = "THAW_TLS_CERT_FILE";
 pub const THAW_TLS_KEY_FILE: &str = "THAW_TLS_KEY_FILE";
 pub const THAW_WORKER_THREADS: &str = "THAW_WORKER_THREADS";
+pub const THAW_AGGRESSIVE_PROBE_INTERVAL: &str = "THAW_AGGRESSIVE_PROBE_INTERVAL";
 
 /// Every variable the queue-proxy reads, in `--help` order.
 pub const VARS: &[Var] = &[
@@ -107,6 +108,7 @@ pub const VARS: &[Var] = &[
     opt(THAW_TLS_CERT_FILE, DEFAULT_CERT_PATH, "[thaw] TLS certificate (PEM); re-read when it changes"),
     opt(THAW_TLS_KEY_FILE, DEFAULT_KEY_PATH, "[thaw] TLS private key (PEM); re-read when it changes"),
     opt(THAW_WORKER_THREADS, "", "[thaw] runtime threads; 1 = single-threaded; empty = the CPUs available (cgroup quota aware)"),
+    opt(THAW_AGGRESSIVE_PROBE_INTERVAL, "50ms", "[thaw] pace of readiness probes with periodSeconds 0 (Knative: 50ms); shorter picks up a starting app sooner"),
 ];
 
 /// A variable is missing or its value cannot be used.
@@ -152,6 +154,7 @@ pub struct Config {
     pub tls_cert_file: PathBuf,
     pub tls_key_file: PathBuf,
     pub worker_threads: Option<usize>,
+    pub aggressive_probe_interval: Duration,
 }
 
 /// Reads variables from a map, naming the variable in every error.
@@ -362,6 +365,16 @@ impl Config {
                 .unwrap_or(DEFAULT_KEY_PATH)
                 .into(),
             worker_threads,
+            aggressive_probe_interval: {
+                let d = env.duration(THAW_AGGRESSIVE_PROBE_INTERVAL, Duration::from_millis(50))?;
+                if d.is_zero() {
+                    return Err(ConfigError::Invalid {
+                        var: THAW_AGGRESSIVE_PROBE_INTERVAL,
+                        problem: "must be greater than 0".into(),
+                    });
+                }
+                d
+            },
         })
     }
 }

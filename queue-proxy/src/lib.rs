@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use thaw_shared::breaker::Breaker;
 use thaw_shared::drain::{Drainer, Signals, UpgradeTracker};
-use thaw_shared::probe::{Prober, ProberOptions};
+use thaw_shared::probe::{ProbeTiming, Prober, ProberOptions};
 use thaw_shared::proxy::{Dial, Upstream, UpstreamSettings};
 use thaw_shared::stats::ConcurrencyRecorder;
 use tokio::net::TcpListener;
@@ -79,7 +79,10 @@ pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
             config.readiness_probes.clone(),
             ProberOptions {
                 http2_auto_detect: config.http2_auto_detect,
-                ..Default::default()
+                timing: ProbeTiming {
+                    aggressive_interval: config.aggressive_probe_interval,
+                    ..ProbeTiming::default()
+                },
             },
         ),
         metrics: Arc::new(UserMetrics::new(config)?),
