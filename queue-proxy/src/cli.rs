@@ -37,7 +37,9 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     crate::logging::init(&config.logging_level);
 
-    let runtime = thaw_shared::runtime::build(config.worker_threads);
+    // A sidecar is sized for about one core: a current-thread runtime beats a pool there
+    // (measured in benches/), so more threads are opt-in.
+    let runtime = thaw_shared::runtime::build(Some(config.worker_threads.unwrap_or(1)));
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {

@@ -107,7 +107,7 @@ pub const VARS: &[Var] = &[
     opt(THAW_READ_HEADER_TIMEOUT, "30s", "[thaw] a client must send its request headers within this time"),
     opt(THAW_TLS_CERT_FILE, DEFAULT_CERT_PATH, "[thaw] TLS certificate (PEM); re-read when it changes"),
     opt(THAW_TLS_KEY_FILE, DEFAULT_KEY_PATH, "[thaw] TLS private key (PEM); re-read when it changes"),
-    opt(THAW_WORKER_THREADS, "", "[thaw] runtime threads; 1 = single-threaded; empty = the CPUs available (cgroup quota aware)"),
+    opt(THAW_WORKER_THREADS, "1", "[thaw] runtime threads; 1 = a single-threaded runtime, the best fit for a sidecar"),
     opt(THAW_AGGRESSIVE_PROBE_INTERVAL, "50ms", "[thaw] pace of readiness probes with periodSeconds 0 (Knative: 50ms); shorter picks up a starting app sooner"),
 ];
 

@@ -46,12 +46,18 @@ impl Breaker {
     /// Admits the request, then waits for a slot in arrival order.
     pub async fn acquire(self: &Arc<Self>) -> Result<BreakerPermit, BreakerFull> {
         let admission = self.admit()?;
-        // The semaphore is never closed, so an error cannot happen; treat it as "full"
-        // rather than panic if that ever changes.
-        let slot = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .map_err(|_| BreakerFull)?;
+        // tokio hands released permits straight to queued waiters, so a permit is free only
+        // when nobody waits: taking it without queueing keeps FIFO order and skips the
+        // waiter list's lock.
+        let slot = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            // The semaphore is never closed, so an error cannot happen; treat it as "full"
+            // rather than panic if that ever changes.
+            Err(_) => Arc::clone(&self.slots)
+                .acquire_owned()
+                .await
+                .map_err(|_| BreakerFull)?,
+        };
         Ok(BreakerPermit {
             _slot: slot,
             _admission: admission,

@@ -41,11 +41,33 @@ fn watch_listen(addr: SocketAddr, limit: Duration) -> std::thread::JoinHandle<Op
     })
 }
 
-async fn one(n: usize) -> Result<Run, String> {
+/// How the queue-proxy of a variant is configured.
+struct Variant {
+    label: &'static str,
+    env: &'static [(&'static str, &'static str)],
+}
+
+const VARIANTS: [Variant; 2] = [
+    Variant {
+        label: "probe pace 50 ms (Knative's default)",
+        env: &[],
+    },
+    Variant {
+        label: "probe pace 2 ms, 1 thread (as the local platform runs it)",
+        env: &[
+            ("THAW_AGGRESSIVE_PROBE_INTERVAL", "2ms"),
+            ("THAW_WORKER_THREADS", "1"),
+        ],
+    },
+];
+
+async fn one(n: usize, variant: usize) -> Result<Run, String> {
     let app_port = harness::free_port();
     let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
     let probe = format!(r#"{{"tcpSocket":{{"port":{app_port}}}}}"#);
-    let qp = QueueProxy::start(app_port, &[("SERVING_READINESS_PROBE", &probe)]).await;
+    let mut env = vec![("SERVING_READINESS_PROBE", probe.as_str())];
+    env.extend_from_slice(VARIANTS[variant].env);
+    let qp = QueueProxy::start(app_port, &env).await;
     let act = Activator::start(&static_revision_yaml(qp.serving.port(), 0), &[]).await;
 
     // The request, on its own connection, parked in the activator.
@@ -125,55 +147,67 @@ async fn one(n: usize) -> Result<Run, String> {
 
 pub async fn run(ctx: Arc<Ctx>) -> Section {
     let runs = ctx.coldstart_runs.max(1);
-    let mut section = Section::new(&format!("Cold-start pickup ({runs} runs)"));
-    let mut results = Vec::new();
+    let mut section = Section::new(&format!(
+        "Cold-start pickup ({runs} runs per queue-proxy setting)"
+    ));
+    let mut results: Vec<Vec<Run>> = VARIANTS.iter().map(|_| Vec::new()).collect();
     for i in 1..=runs {
-        super::wait_quiet(&ctx).await;
-        progress(&format!("coldstart: run {i}/{runs}"));
-        match tokio::spawn(one(i)).await {
-            Ok(Ok(r)) => results.push(r),
-            Ok(Err(e)) => section.fail(format!("coldstart run {i}: {e}")),
-            Err(e) => section.fail(format!("coldstart run {i}: {}", super::panic_message(e))),
+        // Interleaved: one run of each setting per round.
+        for (v, variant) in VARIANTS.iter().enumerate() {
+            super::wait_quiet(&ctx).await;
+            progress(&format!("coldstart: run {i}/{runs}, {}", variant.label));
+            match tokio::spawn(one(i, v)).await {
+                Ok(Ok(r)) => results[v].push(r),
+                Ok(Err(e)) => section.fail(format!("coldstart run {i} ({}): {e}", variant.label)),
+                Err(e) => section.fail(format!(
+                    "coldstart run {i} ({}): {}",
+                    variant.label,
+                    super::panic_message(e)
+                )),
+            }
         }
     }
-    if results.is_empty() {
-        return section;
-    }
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
-    let pickup: Vec<f64> = results.iter().map(|r| ms(&r.pickup)).collect();
-    let total: Vec<f64> = results.iter().map(|r| ms(&r.total)).collect();
-    let (pm, plo, phi) = spread(&pickup);
-    let (tm, tlo, thi) = spread(&total);
-    let headers: Vec<f64> = results
-        .iter()
-        .filter_map(|r| r.header.as_deref()?.trim().parse().ok())
-        .collect();
-    let (hm, hlo, hhi) = spread(&headers);
-    let mut table = Table::new(&["measure", "median ms", "min ms", "max ms"]);
-    table.row(vec![
-        "app accepting → response (pickup)".to_owned(),
-        format!("{pm:.1}"),
-        format!("{plo:.1}"),
-        format!("{phi:.1}"),
+    let mut table = Table::new(&[
+        "queue-proxy",
+        "measure",
+        "median ms",
+        "min ms",
+        "max ms",
+        "runs",
     ]);
-    table.row(vec![
-        "request sent → response".to_owned(),
-        format!("{tm:.0}"),
-        format!("{tlo:.0}"),
-        format!("{thi:.0}"),
-    ]);
-    if !headers.is_empty() {
-        table.row(vec![
-            "`Thaw-Cold-Start` header".to_owned(),
-            format!("{hm:.0}"),
-            format!("{hlo:.0}"),
-            format!("{hhi:.0}"),
-        ]);
+    for (variant, results) in VARIANTS.iter().zip(&results) {
+        if results.is_empty() {
+            continue;
+        }
+        let pickup: Vec<f64> = results.iter().map(|r| ms(&r.pickup)).collect();
+        let total: Vec<f64> = results.iter().map(|r| ms(&r.total)).collect();
+        let headers: Vec<f64> = results
+            .iter()
+            .filter_map(|r| r.header.as_deref()?.trim().parse().ok())
+            .collect();
+        let mut rows = vec![
+            ("**app accepting → response (pickup)**", pickup, 1),
+            ("request sent → response", total, 0),
+        ];
+        if !headers.is_empty() {
+            rows.push(("`Thaw-Cold-Start` header", headers, 0));
+        }
+        for (what, values, digits) in rows {
+            let (m, lo, hi) = spread(&values);
+            table.row(vec![
+                variant.label.to_owned(),
+                what.to_owned(),
+                format!("{m:.digits$}"),
+                format!("{lo:.digits$}"),
+                format!("{hi:.digits$}"),
+                values.len().to_string(),
+            ]);
+        }
     }
     section.line(&table.render());
     section.line(&format!(
-        "Each run starts a fresh queue-proxy (CC=0, readiness probe `{{\"tcpSocket\":{{\"port\":<app port>}}}}`, i.e. `periodSeconds: 0`, aggressive probing) for an app port nothing listens on yet, and a fresh activator whose one revision has that queue-proxy as its static endpoint. One `GET /` (Host: hello.local) is sent to the activator and the bench waits until `activator_requests_waiting` reads 1. Then it starts `thaw-testapp --slow-start-ms {SLOW_START_MS}` on the app port, and a plain thread connects to the app port every 100 µs: **T_listen** is the first connect that succeeds (the app is accepting; resolution ≈ 0.1 ms plus scheduling). **T_resp** is when the response headers of the parked request reach the bench. The pickup is T_resp − T_listen: the queue-proxy's probe of the app, the activator's probe of the queue-proxy, and the proxied request itself ([beyond] target ≤ 10 ms median; Knative's probe tick alone is 200 ms). \"request sent → response\" includes the app's {SLOW_START_MS} ms slow start and process start. `Thaw-Cold-Start` is the activator's own figure for the wait. {} of {runs} runs succeeded.",
-        results.len()
+        "Each run starts a fresh queue-proxy (CC=0, readiness probe `{{\"tcpSocket\":{{\"port\":<app port>}}}}`, i.e. `periodSeconds: 0`: aggressive probing at the pace shown) for an app port nothing listens on yet, and a fresh activator whose one revision has that queue-proxy as its static endpoint. One `GET /` (Host: hello.local) is sent to the activator and the bench waits until `activator_requests_waiting` reads 1. Then it starts `thaw-testapp --slow-start-ms {SLOW_START_MS}` on the app port, and a plain thread connects to the app port every 100 µs: **T_listen** is the first connect that succeeds (the app is accepting; resolution ≈ 0.1 ms plus scheduling). **T_resp** is when the response headers of the parked request reach the bench. The pickup is T_resp − T_listen: the queue-proxy noticing the app (its probe pace), the activator noticing the queue-proxy (its eager probe, default every 2 ms while requests wait), and the proxied request itself ([beyond] target ≤ 10 ms median; Knative's probe tick alone is 200 ms). \"request sent → response\" also includes the app's process start and its {SLOW_START_MS} ms slow start. `Thaw-Cold-Start` is the activator's own figure for the wait. The two settings alternate run by run; the second is `THAW_AGGRESSIVE_PROBE_INTERVAL=2ms THAW_WORKER_THREADS=1`, what the local platform gives its pods."
     ));
     section
 }
