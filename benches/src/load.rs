@@ -1,7 +1,10 @@
 //! An in-tree, closed-loop HTTP/1.1 load generator.
 //!
 //! A fixed number of keep-alive connections, each driven by its own task that sends
-//! requests back to back on its own `hyper::client::conn::http1` connection (no pool).
+//! requests back to back on its own connection, as wrk does: the request's bytes are
+//! built once, and responses are parsed just enough to find their end (`httparse` for the
+//! head; `Content-Length`, chunked, or close-delimited bodies). A hyper client costs
+//! enough per request to become the bottleneck against a fast app.
 //! A warm-up period runs first and is not recorded; then every response that completes
 //! inside the measured window is recorded, its latency in microseconds in an
 //! [`hdrhistogram::Histogram`] (one per task, merged at the end).
@@ -19,12 +22,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use http::{header, HeaderName, HeaderValue, Method, Request};
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
@@ -279,41 +280,27 @@ async fn drive(
     total
 }
 
-type Sender = SendRequest<Empty<Bytes>>;
-type Connection = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Empty<Bytes>>;
-
-async fn connect(
-    addr: SocketAddr,
-) -> Result<(Sender, Connection), Box<dyn std::error::Error + Send + Sync>> {
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    Ok(hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?)
+    Ok(stream)
 }
 
-/// The request with its headers, built once per task and cloned per request.
-fn build_request(spec: &LoadSpec) -> Request<Empty<Bytes>> {
-    let mut req = Request::new(Empty::new());
-    *req.method_mut() = spec.method.clone();
-    *req.uri_mut() = spec.path.parse().expect("valid request path");
-    let headers = req.headers_mut();
-    headers.insert(
-        header::HOST,
-        HeaderValue::try_from(spec.addr.to_string()).expect("an address is a valid header"),
-    );
-    for (name, value) in &spec.headers {
-        let name = HeaderName::try_from(name.as_str()).expect("valid header name");
-        let value = HeaderValue::try_from(value.as_str()).expect("valid header value");
-        headers.insert(name, value);
+/// The request's bytes, built once per task.
+fn build_request(spec: &LoadSpec) -> Vec<u8> {
+    let mut out = format!("{} {} HTTP/1.1\r\n", spec.method, spec.path).into_bytes();
+    if !spec
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("host"))
+    {
+        out.extend_from_slice(format!("host: {}\r\n", spec.addr).as_bytes());
     }
-    req
-}
-
-fn clone_request(template: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
-    let mut req = Request::new(Empty::new());
-    *req.method_mut() = template.method().clone();
-    *req.uri_mut() = template.uri().clone();
-    *req.headers_mut() = template.headers().clone();
-    req
+    for (name, value) in &spec.headers {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// Outcome of one request.
@@ -326,28 +313,129 @@ enum Outcome {
     TransportError,
 }
 
-async fn one_request(sender: &mut Sender, req: Request<Empty<Bytes>>) -> Outcome {
-    let resp = match sender.send_request(req).await {
-        Ok(resp) => resp,
-        Err(_) => return Outcome::TransportError,
-    };
-    let status = resp.status().as_u16();
-    let close = resp
-        .headers()
-        .get(header::CONNECTION)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    let mut body = resp.into_body();
-    let mut bytes = 0u64;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Some(data) = frame.data_ref() {
-                    bytes += data.len() as u64;
+/// How a response body ends.
+enum Framing {
+    Length(usize),
+    Chunked,
+    Close,
+}
+
+/// Reads more bytes into `buf`; `false` when the peer closed or failed.
+async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> bool {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    matches!(stream.read_buf(buf).await, Ok(n) if n > 0)
+}
+
+/// Parses a response head at the start of `buf`, reading more as needed.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Option<(u16, Framing, bool, usize)> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = resp.code?;
+                let mut framing = Framing::Close;
+                let mut close = false;
+                for h in resp.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        let n = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+                        framing = Framing::Length(n);
+                    } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+                        && h.value.eq_ignore_ascii_case(b"chunked")
+                    {
+                        framing = Framing::Chunked;
+                    } else if h.name.eq_ignore_ascii_case("connection")
+                        && h.value.eq_ignore_ascii_case(b"close")
+                    {
+                        close = true;
+                    }
+                }
+                // 1xx, 204 and 304 have no body whatever the headers say.
+                if status < 200 || status == 204 || status == 304 {
+                    framing = Framing::Length(0);
+                }
+                return Some((status, framing, close, len));
+            }
+            Ok(httparse::Status::Partial) => {
+                if !fill(stream, buf).await {
+                    return None;
                 }
             }
-            Err(_) => return Outcome::TransportError,
+            Err(_) => return None,
         }
     }
+}
+
+/// Consumes a chunked body from `buf`; returns its size.
+async fn read_chunked(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<u64> {
+    let mut total = 0u64;
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            if !fill(stream, buf).await {
+                return None;
+            }
+        };
+        let size_text = std::str::from_utf8(&buf[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        buf.advance(line_end + 2);
+        // The chunk and its CRLF; the last chunk is followed by an empty trailer line.
+        while buf.len() < size + 2 {
+            if !fill(stream, buf).await {
+                return None;
+            }
+        }
+        buf.advance(size + 2);
+        total += size as u64;
+        if size == 0 {
+            return Some(total);
+        }
+    }
+}
+
+async fn one_request(stream: &mut TcpStream, request: &[u8], buf: &mut BytesMut) -> Outcome {
+    if stream.write_all(request).await.is_err() {
+        return Outcome::TransportError;
+    }
+    let Some((status, framing, close, head_len)) = read_head(stream, buf).await else {
+        return Outcome::TransportError;
+    };
+    buf.advance(head_len);
+    let bytes = match framing {
+        Framing::Length(n) => {
+            while buf.len() < n {
+                if !fill(stream, buf).await {
+                    return Outcome::TransportError;
+                }
+            }
+            buf.advance(n);
+            n as u64
+        }
+        Framing::Chunked => match read_chunked(stream, buf).await {
+            Some(n) => n,
+            None => return Outcome::TransportError,
+        },
+        Framing::Close => {
+            let mut n = buf.len() as u64;
+            buf.clear();
+            while fill(stream, buf).await {
+                n += buf.len() as u64;
+                buf.clear();
+            }
+            return Outcome::Response {
+                status,
+                bytes: n,
+                reusable: false,
+            };
+        }
+    };
     Outcome::Response {
         status,
         bytes,
@@ -366,23 +454,19 @@ enum LoopEnd {
 /// Requests back to back on one connection until the window closes or the connection
 /// cannot be used any more.
 async fn request_loop(
-    sender: &mut Sender,
-    template: &Request<Empty<Bytes>>,
+    stream: &mut TcpStream,
+    request: &[u8],
     part: &mut LoadResult,
     measure_from: Instant,
     end: Instant,
 ) -> LoopEnd {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
         if Instant::now() >= end {
             return LoopEnd::Deadline;
         }
-        if sender.ready().await.is_err() {
-            // The server closed the idle connection: reconnect, not an error.
-            return LoopEnd::Reconnect;
-        }
-        let req = clone_request(template);
         let t0 = Instant::now();
-        let outcome = one_request(sender, req).await;
+        let outcome = one_request(stream, request, &mut buf).await;
         let t1 = Instant::now();
         let recorded = t1 >= measure_from;
         match outcome {
@@ -421,9 +505,9 @@ async fn request_loop(
 
 async fn worker(spec: Arc<LoadSpec>, measure_from: Instant, end: Instant) -> LoadResult {
     let mut part = LoadResult::empty(spec.connections, spec.duration);
-    let template = build_request(&spec);
+    let request = build_request(&spec);
     while Instant::now() < end {
-        let (mut sender, mut conn) = match timeout_at(end, connect(spec.addr)).await {
+        let mut stream = match timeout_at(end, connect(spec.addr)).await {
             Ok(Ok(c)) => c,
             Ok(Err(_)) => {
                 if Instant::now() >= measure_from {
@@ -436,23 +520,13 @@ async fn worker(spec: Arc<LoadSpec>, measure_from: Instant, end: Instant) -> Loa
             }
             Err(_) => break,
         };
-        // The connection is driven by this same task, next to the request loop: no
-        // cross-task wake-up per request.
         // One timer for the whole connection, none per request: a request still in
         // flight when the window closes is dropped, not counted.
-        let requests = request_loop(&mut sender, &template, &mut part, measure_from, end);
-        tokio::pin!(requests);
-        let driven = timeout_at(end, async {
-            tokio::select! {
-                biased;
-                e = &mut requests => e,
-                // The connection ended: let the loop see it (and count an in-flight
-                // request's error) before reconnecting.
-                _ = &mut conn => (&mut requests).await,
-            }
-        });
-        let end_of_loop = driven.await.unwrap_or(LoopEnd::Deadline);
-        if let LoopEnd::Deadline = end_of_loop {
+        let driven = timeout_at(
+            end,
+            request_loop(&mut stream, &request, &mut part, measure_from, end),
+        );
+        if let LoopEnd::Deadline = driven.await.unwrap_or(LoopEnd::Deadline) {
             break;
         }
     }

@@ -260,7 +260,7 @@ fn header(ctx: &Ctx) -> String {
          - build: {build}; binaries from `{}`\n\
          - settings: duration {}, warm-up {}, {} repetition(s), connections {:?}{}; each measurement waits up to {} for other processes to use < 0.15 cores\n\
          - test app: {}\n\
-         - load generator: in-tree, hyper HTTP/1.1 client, one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
+         - load generator: in-tree, raw HTTP/1.1 client (request bytes built once, responses parsed with httparse), one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
          - queue-proxy and activator: their default runtimes (worker threads = CPUs available)\n\
          - nginx: {nginx}\n\
          - everything (generator, proxies, app) runs on this one machine over loopback and shares its cores\n",

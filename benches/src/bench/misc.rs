@@ -192,7 +192,7 @@ pub async fn wrk_check(ctx: Arc<Ctx>) -> Section {
             Scheduler::PerThread => "current-thread runtime per thread",
         };
         table.row(vec![
-            format!("in-tree: hyper, {sched}, {threads} thread(s) ({why})"),
+            format!("in-tree: raw HTTP/1.1, {sched}, {threads} thread(s) ({why})"),
             group(r.rps().round() as u64),
             ms(r.p50_us() as f64),
             ms(r.p99_us() as f64),
