@@ -276,8 +276,29 @@ fn header(ctx: &Ctx) -> String {
     )
 }
 
+/// Under `cargo run`, builds the binaries the benches start, in the same profile, so that
+/// one command runs everything. cargo has released its build lock by the time this runs.
+fn build_siblings() {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return;
+    };
+    let release = harness::bin_dir().ends_with("release");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", "thaw-queue-proxy", "-p", "thaw-activator", "-p", "thaw-benches", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    progress("building the queue-proxy, activator and test app (cargo build --bins)");
+    match cmd.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => progress(&format!("cargo build failed ({status}); using whatever binaries exist")),
+        Err(e) => progress(&format!("cannot run cargo ({e}); using whatever binaries exist")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    build_siblings();
     let missing: Vec<String> = ["queue-proxy", "activator", "thaw-testapp"]
         .iter()
         .map(|b| harness::bin_dir().join(b))
