@@ -284,15 +284,28 @@ fn build_siblings() {
     };
     let release = harness::bin_dir().ends_with("release");
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "thaw-queue-proxy", "-p", "thaw-activator", "-p", "thaw-benches", "--bins"]);
+    cmd.args([
+        "build",
+        "-p",
+        "thaw-queue-proxy",
+        "-p",
+        "thaw-activator",
+        "-p",
+        "thaw-benches",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }
     progress("building the queue-proxy, activator and test app (cargo build --bins)");
     match cmd.status() {
         Ok(status) if status.success() => {}
-        Ok(status) => progress(&format!("cargo build failed ({status}); using whatever binaries exist")),
-        Err(e) => progress(&format!("cannot run cargo ({e}); using whatever binaries exist")),
+        Ok(status) => progress(&format!(
+            "cargo build failed ({status}); using whatever binaries exist"
+        )),
+        Err(e) => progress(&format!(
+            "cannot run cargo ({e}); using whatever binaries exist"
+        )),
     }
 }
 
