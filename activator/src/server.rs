@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
+use http::header::{CONTENT_LENGTH, HOST, RETRY_AFTER, USER_AGENT};
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
@@ -17,6 +17,8 @@ use thaw_shared::headers;
 use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::InFlight;
 use tokio::time::Instant;
+
+use thaw_shared::body::{local, text, PROMETHEUS_TEXT};
 
 use crate::metrics::{Metrics, RevisionGauges};
 use crate::platform::Platform;
@@ -69,26 +71,6 @@ impl Drop for RequestGuard {
             .metrics
             .response(self.status, self.started.elapsed());
     }
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
-    let mut resp = Response::new(ResponseBody::text(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-fn owned_text(status: StatusCode, body: String) -> Response<ResponseBody> {
-    let mut resp = Response::new(ResponseBody::bytes(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 /// The user-traffic stack, outermost first.
@@ -146,18 +128,18 @@ pub async fn handle(
         }
         Ok(Err(Refused::Throttled(e @ ThrottleError::Unavailable { .. }))) => {
             tracing::warn!(revision = %revision.spec.id, error = %e, "revision unavailable");
-            owned_text(StatusCode::BAD_GATEWAY, e.to_string())
+            text(StatusCode::BAD_GATEWAY, e.to_string())
         }
         Ok(Err(Refused::Throttled(e))) => {
             revision.metrics.rejected();
-            let mut resp = owned_text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+            let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             resp
         }
         Ok(Err(Refused::Upstream(e))) => {
             tracing::warn!(revision = %revision.spec.id, error = %e, "pod unreachable");
-            owned_text(StatusCode::BAD_GATEWAY, e.to_string())
+            text(StatusCode::BAD_GATEWAY, e.to_string())
         }
         Err(_) => text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
     };
@@ -374,7 +356,7 @@ fn network_probe(
         v if v == headers::PROBE_ACTIVATOR.as_bytes() => {
             text(StatusCode::OK, headers::PROBE_ACTIVATOR)
         }
-        other => owned_text(
+        other => text(
             StatusCode::BAD_REQUEST,
             format!(
                 "unexpected probe header value: {:?}",
@@ -400,10 +382,5 @@ pub fn metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody>
             },
         )
     }));
-    let mut resp = Response::new(ResponseBody::bytes(Bytes::from(body)));
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    resp
+    local(StatusCode::OK, PROMETHEUS_TEXT, body)
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
+use http::header::{ACCEPT, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use thaw_shared::breaker::Breaker;
@@ -15,6 +15,8 @@ use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
 use tokio::time::Instant;
+
+use thaw_shared::body::{empty, local, text, PROMETHEUS_TEXT};
 
 use crate::body::{RequestGuard, ResponseBody};
 use crate::metrics::{AutoscalerStats, LogInfo, UserMetrics};
@@ -31,21 +33,6 @@ pub struct State {
     pub metrics: Arc<UserMetrics>,
     pub autoscaler: AutoscalerStats,
     pub request_log: bool,
-}
-
-fn local(status: StatusCode, body: ResponseBody) -> Response<ResponseBody> {
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    resp
-}
-
-fn text(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    let mut resp = local(status, ResponseBody::text(text));
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 /// The user-traffic stack, outermost first.
@@ -156,15 +143,7 @@ fn static_reason(_: &thaw_shared::breaker::BreakerFull) -> &'static str {
 
 fn bad_gateway(err: &ProxyError) -> Response<ResponseBody> {
     tracing::warn!(error = %err, "app unreachable");
-    let mut resp = local(
-        StatusCode::BAD_GATEWAY,
-        ResponseBody::bytes(Bytes::from(err.to_string())),
-    );
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+    text(StatusCode::BAD_GATEWAY, err.to_string())
 }
 
 /// CONTRACT §1.3.1: `503 shutting down` while draining, `400` for a probe not meant for
@@ -183,15 +162,12 @@ async fn health_check(state: &State, req: &Request<Incoming>) -> Response<Respon
             "unexpected probe header value: {}",
             String::from_utf8_lossy(probe)
         );
-        return local(
-            StatusCode::BAD_REQUEST,
-            ResponseBody::bytes(Bytes::from(body)),
-        );
+        return text(StatusCode::BAD_REQUEST, body);
     }
     if state.prober.is_ready().await {
         text(StatusCode::OK, headers::PROBE_QUEUE)
     } else {
-        local(StatusCode::SERVICE_UNAVAILABLE, ResponseBody::empty())
+        empty(StatusCode::SERVICE_UNAVAILABLE)
     }
 }
 
@@ -210,7 +186,7 @@ fn ingress_probe(state: &State, req: &Request<Incoming>) -> Option<Response<Resp
             "missing K-Network-Hash header",
         ));
     };
-    let mut resp = local(StatusCode::OK, ResponseBody::empty());
+    let mut resp = empty(StatusCode::OK);
     resp.headers_mut()
         .insert(headers::K_NETWORK_HASH, hash.clone());
     Some(resp)
@@ -234,10 +210,7 @@ pub fn autoscaler_metrics(state: &State, req: &Request<Incoming>) -> Response<Re
             "text/plain; version=0.0.4; charset=utf-8",
         )
     };
-    let mut resp = local(StatusCode::OK, ResponseBody::bytes(body));
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
+    local(StatusCode::OK, content_type, body)
 }
 
 /// `:9091`: user-facing Prometheus metrics.
@@ -246,15 +219,7 @@ pub fn user_metrics(state: &State, req: &Request<Incoming>) -> Response<Response
         return text(StatusCode::NOT_FOUND, "not found");
     }
     let depth = state.breaker.as_ref().map_or(0, |b| b.waiting());
-    let mut resp = local(
-        StatusCode::OK,
-        ResponseBody::bytes(Bytes::from(state.metrics.render(depth))),
-    );
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    resp
+    local(StatusCode::OK, PROMETHEUS_TEXT, state.metrics.render(depth))
 }
 
 /// `:8022`: only `/wait-for-drain`, the user container's preStop hook.
@@ -263,5 +228,5 @@ pub async fn admin(state: &State, req: &Request<Incoming>) -> Response<ResponseB
         return text(StatusCode::NOT_FOUND, "not found");
     }
     state.drainer.wait_for_drain().await;
-    local(StatusCode::OK, ResponseBody::empty())
+    empty(StatusCode::OK)
 }

@@ -6,6 +6,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
@@ -45,6 +47,36 @@ impl<G> ResponseBody<G> {
             guard: Some(guard),
         }
     }
+}
+
+/// `text/plain` for the short answers both proxies make themselves.
+pub const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+/// Prometheus' text exposition format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A response the proxy makes itself: `status` with `body` of `content_type`.
+pub fn local<G>(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody<G>> {
+    let mut resp = Response::new(ResponseBody::bytes(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// A plain-text answer (probe bodies, error reasons).
+pub fn text<G>(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody<G>> {
+    local(status, TEXT_PLAIN, body)
+}
+
+/// An answer with no body.
+pub fn empty<G>(status: StatusCode) -> Response<ResponseBody<G>> {
+    let mut resp = Response::new(ResponseBody::empty());
+    *resp.status_mut() = status;
+    resp
 }
 
 impl<G> Body for ResponseBody<G> {
