@@ -122,7 +122,14 @@ async fn run(config: Config) -> io::Result<()> {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => {
+                // Tests of preStop hooks read this: a hook that ran first (GET
+                // /ready?state=off) shows here as `ready: false`.
+                let mut stdout = io::stdout().lock();
+                writeln!(stdout, "stopping on signal (ready: {})", app.is_ready())?;
+                stdout.flush()?;
+                return Ok(());
+            }
         }
     }
 }

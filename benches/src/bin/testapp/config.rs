@@ -30,7 +30,8 @@ FLAGS (a flag overrides its environment variable; --flag=value also works):
                                                              [default: one per core]
     -h, --help            print this help and exit
 
-Once listening, prints exactly one line to stdout: \"listening on ADDR:PORT\".
+Once listening, prints one line to stdout: \"listening on ADDR:PORT\"; on SIGTERM
+or Ctrl-C, one more, \"stopping on signal (ready: true|false)\", and exits 0.
 Bad flag or environment values: one line on stderr, exit code 64.
 
 ROUTES (query parameters in brackets are optional, with their defaults):

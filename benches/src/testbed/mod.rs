@@ -1,0 +1,197 @@
+//! The testbed: a real Kubernetes control plane on one machine (started by
+//! `benches/testbed/up.sh`), and the node that runs its pods as processes in network
+//! namespaces. Tests use [`Testbed`] to get one per test binary.
+
+pub mod dns;
+pub mod env;
+pub mod images;
+pub mod network;
+pub mod node;
+pub mod podexec;
+pub mod pods;
+pub mod probes;
+pub mod quantity;
+pub mod services;
+pub mod status;
+pub mod volumes;
+pub mod whoami;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::Client;
+
+/// A running testbed, started by `benches/testbed/up.sh`.
+#[derive(Debug)]
+pub struct Testbed {
+    pub state_dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// The kubectl built with the control plane (same release).
+    pub kubectl: PathBuf,
+}
+
+/// Why the testbed cannot run here. Test support: a missing prerequisite is a panic
+/// with this text, except [`Unavailable::NotRoot`], which skips.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("the testbed needs root (network namespaces, a bridge, veth pairs); run the tests as root, or set THAW_TESTBED_REQUIRED=1 to make this a failure")]
+    NotRoot,
+    #[error("benches/testbed/up.sh failed ({status}); its output:\n{output}")]
+    UpFailed { status: String, output: String },
+}
+
+impl Testbed {
+    /// The testbed of this test binary: started on first use (building the control plane
+    /// the first time, which takes a while), torn down by its watchdog as soon as this
+    /// process exits, however it exits. `None` when not running as root: the test then
+    /// returns early, after saying so on stderr.
+    pub fn shared() -> Option<&'static Testbed> {
+        static TESTBED: OnceLock<Result<Testbed, String>> = OnceLock::new();
+        let result = TESTBED.get_or_init(|| Testbed::start().map_err(|e| e.to_string()));
+        match result {
+            Ok(t) => Some(t),
+            Err(e)
+                if e.starts_with("the testbed needs root")
+                    && std::env::var("THAW_TESTBED_REQUIRED").as_deref() != Ok("1") =>
+            {
+                eprintln!("skipping: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn start() -> Result<Testbed, Unavailable> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(Unavailable::NotRoot);
+        }
+        let bin_dir = crate::harness::bin_dir();
+        let target = bin_dir
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| bin_dir.clone());
+        let binary = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "tests".to_owned());
+        // `testbed-0a1b2c…` → `testbed`: one state folder per test binary, reused.
+        let name = binary.rsplit_once('-').map_or(binary.as_str(), |(n, _)| n);
+        let state_dir = target.join("testbed").join("tests").join(name);
+        let up = repo_root().join("benches/testbed/up.sh");
+        let output = Command::new(&up)
+            .arg(&state_dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .env("THAW_TESTBED_BIN_DIR", &bin_dir)
+            .env("THAW_TESTBED_WATCH_PID", std::process::id().to_string())
+            .output()
+            .map_err(|e| Unavailable::UpFailed {
+                status: format!("cannot run {}: {e}", up.display()),
+                output: String::new(),
+            })?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let kubeconfig = stdout
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix("KUBECONFIG="))
+            .map(PathBuf::from);
+        match kubeconfig {
+            Some(kubeconfig) if output.status.success() => {
+                let kubectl = std::fs::read_dir(target.join("testbed"))
+                    .ok()
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path().join("bin/kubectl"))
+                    .find(|p| p.exists())
+                    .unwrap_or_else(|| PathBuf::from("kubectl"));
+                Ok(Testbed {
+                    state_dir,
+                    kubeconfig,
+                    kubectl,
+                })
+            }
+            _ => Err(Unavailable::UpFailed {
+                status: output.status.to_string(),
+                output: format!("{stdout}{stderr}"),
+            }),
+        }
+    }
+
+    /// A client for the admin user, bound to the calling test's runtime.
+    pub async fn client(&self) -> Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)
+            .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", self.kubeconfig.display()));
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", self.kubeconfig.display()));
+        Client::try_from(config).unwrap_or_else(|e| panic!("kube client: {e}"))
+    }
+
+    /// A fresh namespace for one test, once its `default` service account exists (pods
+    /// are refused before that).
+    pub async fn namespace(&self, client: &Client, prefix: &str) -> String {
+        let name = format!("{prefix}-{:08x}", fastrand::u32(..));
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}
+        }))
+        .unwrap_or_default();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        for _ in 0..300 {
+            if matches!(accounts.get_opt("default").await, Ok(Some(_))) {
+                return name;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("namespace {name} got no default service account within 30 s");
+    }
+
+    /// What a container of a pod wrote to stdout and stderr (all its runs).
+    pub fn container_log(&self, namespace: &str, pod: &str, container: &str) -> String {
+        let prefix = format!("{namespace}_{pod}_");
+        std::fs::read_dir(self.state_dir.join("pods"))
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|e| std::fs::read_to_string(e.path().join(format!("{container}.log"))).ok())
+            .collect()
+    }
+
+    /// Runs the testbed's kubectl; returns (success, stdout + stderr).
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String) {
+        match Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+        {
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ),
+            Err(e) => (false, format!("cannot run {}: {e}", self.kubectl.display())),
+        }
+    }
+}
+
+/// The repository's root (this crate lives in `benches/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
