@@ -21,13 +21,6 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 # shellcheck source=lib.sh
 . "$here/lib.sh"
 
-state=${1:-${THAW_TESTBED_DIR:-$target/testbed/default}}
-mkdir -p "$state"
-state=$(cd "$state" && pwd)
-node_name=testbed-node
-cluster_domain=cluster.local
-k8s_port=6443
-
 say() { echo "up.sh: $*" >&2; }
 fail() {
   say "$*"
@@ -37,6 +30,13 @@ fail() {
 if [ "$(id -u)" != 0 ]; then
   fail "the testbed needs root: it creates a bridge, network namespaces and veth pairs (run it as root, e.g. sudo -E $0)"
 fi
+
+state=${1:-${THAW_TESTBED_DIR:-$target/testbed/default}}
+mkdir -p "$state"
+state=$(cd "$state" && pwd)
+node_name=testbed-node
+cluster_domain=cluster.local
+k8s_port=6443
 for tool in etcd ip openssl curl flock setsid; do
   command -v "$tool" >/dev/null 2>&1 || fail "'$tool' is not installed (Debian: apt-get install etcd-server iproute2 openssl curl util-linux)"
 done

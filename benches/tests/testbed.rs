@@ -567,6 +567,17 @@ async fn bad_images_crashes_and_exec_probes_get_clear_statuses() {
                    "readinessProbe": {"exec": {"command": ["true"]}}}]}}),
     )
     .await;
+    create::<Pod>(
+        &client,
+        &ns,
+        json!({"metadata": {"name": "unhealthy"},
+               "spec": {"containers": [{
+                   "name": "app", "image": "thaw.local/testapp",
+                   "args": ["--host", "0.0.0.0", "--port", "8080"],
+                   "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                                     "periodSeconds": 1, "failureThreshold": 2}}]}}),
+    )
+    .await;
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let status = |name: &'static str| {
         let api = api.clone();
@@ -620,6 +631,59 @@ async fn bad_images_crashes_and_exec_probes_get_clear_statuses() {
     })
     .await;
     assert!(!is_ready(&api.get("exec").await.unwrap()));
+
+    // A failing liveness probe restarts the container (the new process is healthy).
+    until("the unhealthy pod to run", || async {
+        status("unhealthy").await.pod_ip.is_some()
+            && status("unhealthy").await.phase.as_deref() == Some("Running")
+    })
+    .await;
+    let ip = status("unhealthy").await.pod_ip.unwrap();
+    until("the app to answer", || async {
+        tokio::net::TcpStream::connect(format!("{ip}:8080"))
+            .await
+            .is_ok()
+    })
+    .await;
+    get(&format!("http://{ip}:8080/ready?state=off")).await;
+    until("a restart after failed liveness probes", || async {
+        status("unhealthy")
+            .await
+            .container_statuses
+            .and_then(|c| c.into_iter().next())
+            .is_some_and(|c| c.restart_count == 1 && c.state.and_then(|s| s.running).is_some())
+    })
+    .await;
+    let events = events_of(&client, &ns, "unhealthy").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("failed liveness probe, will be restarted")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn without_root_up_sh_says_why_at_once() {
+    if !nix::unistd::geteuid().is_root() {
+        // Not root already: `cargo test` itself shows the message (the tests skip).
+        return;
+    }
+    // setpriv is util-linux's: drop to `nobody` for one run of up.sh.
+    let up = thaw_benches::testbed::repo_root().join("benches/testbed/up.sh");
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&up)
+        .arg("/nonexistent/testbed-state")
+        .output();
+    let output = output.expect("setpriv (util-linux) runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("up.sh: the testbed needs root"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
 }
 
 /// A second testbed beside the shared one (another checkout, or CI beside a developer)
