@@ -51,7 +51,7 @@ ldflags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$mino
 ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$version"
 
-echo "building Kubernetes $version control plane into $bin (first time only; about 15 minutes on 2 cores)" >&2
+echo "building Kubernetes $version control plane into $bin (first time only; 7 to 12 minutes on 2 cores)" >&2
 start=$(date +%s)
 cd "$module"
 tmp="$bin.partial"
