@@ -3,6 +3,7 @@
 //! three request timeouts, readiness probes and the drainer.
 #![forbid(unsafe_code)]
 
+pub mod annotations;
 pub mod autoscale;
 pub mod body;
 pub mod breaker;
