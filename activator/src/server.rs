@@ -330,7 +330,11 @@ fn readiness(state: &State) -> Response<ResponseBody> {
             "not connected to the autoscaler",
         );
     }
-    text(StatusCode::OK, "ok")
+    match state.platform.readiness() {
+        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+        Ok(Some(warning)) => text(StatusCode::OK, format!("ok; {warning}")),
+        Ok(None) => text(StatusCode::OK, "ok"),
+    }
 }
 
 /// CONTRACT §2.2.2–3: the ingress probe as in the queue-proxy; `activator` probes from

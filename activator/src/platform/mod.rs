@@ -2,9 +2,11 @@
 //! path knows nothing about which platform is in use: it sees only [`PlatformUpdate`]s and
 //! calls [`Platform::need_capacity`].
 
+pub mod kubernetes;
 pub mod local;
 pub mod memory;
 pub mod process;
+pub mod scrape;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -46,6 +48,12 @@ pub trait Platform: Send + Sync + 'static {
 
     /// The name shown in logs (`local`, `kubernetes`, `knative`, `memory`).
     fn name(&self) -> &'static str;
+
+    /// Whether the platform can feed the activator: `Err` says why not (readiness
+    /// fails with it), `Ok(Some)` is a warning readiness shows while still passing.
+    fn readiness(&self) -> Result<Option<String>, String> {
+        Ok(None)
+    }
 
     /// The activator is stopping: release what the platform runs (the local platform
     /// stops its processes, draining them). Returns when done.

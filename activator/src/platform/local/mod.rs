@@ -18,19 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use prost::Message;
 use thaw_shared::autoscale::{Autoscaler, ScalingSettings};
-use thaw_shared::proto::Stat;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use self::config::{LocalConfig, LocalRevision, PodSource};
 use super::process::{Pod, PodEvent, PodTemplate, QueueProxyCommand};
+use super::scrape::Scraper;
 use super::{BoxFuture, Platform, PlatformUpdate};
 use crate::backends::probe_pod;
 use crate::reporter::RevisionStats;
@@ -280,25 +274,6 @@ impl Platform for LocalPlatform {
     }
 }
 
-/// Reads one queue-proxy's `Stat` as Knative's autoscaler does.
-async fn scrape(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr) -> Option<Stat> {
-    let req = http::Request::get(format!("http://{addr}/metrics"))
-        .header(http::header::ACCEPT, "application/protobuf")
-        .body(Empty::new())
-        .ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(1), client.request(req))
-        .await
-        .ok()?
-        .ok()?;
-    // Knative reads at most 336 bytes of a Stat.
-    let body = Limited::new(resp.into_body(), 4096)
-        .collect()
-        .await
-        .ok()?
-        .to_bytes();
-    Stat::decode(body).ok()
-}
-
 fn scaling_settings(r: &LocalRevision) -> ScalingSettings {
     let mut s = ScalingSettings::default().with_stable_window(r.stable_window);
     s.target = r.target;
@@ -336,8 +311,7 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
     drop(inner);
 
     let name = rt.spec.id.name.clone();
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let scraper = Scraper::new();
     let mut autoscaler = Autoscaler::new(scaling_settings(&rt.config));
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut next_id = 1u64;
@@ -372,14 +346,7 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
             .filter(|p| !p.down)
             .map(|p| p.pod.ports.metrics)
             .collect();
-        let mut direct = 0.0;
-        for addr in metrics_addrs {
-            if let Some(stat) = scrape(&client, addr).await {
-                direct += (stat.average_concurrent_requests
-                    - stat.average_proxied_concurrent_requests)
-                    .max(0.0);
-            }
-        }
+        let direct = scraper.direct_concurrency(metrics_addrs).await;
         let observed = inner.load.in_flight(&rt.spec.id) as f64 + direct;
         autoscaler.record(now, observed);
         let current = rt.pods().running.len() as u32;
