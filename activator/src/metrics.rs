@@ -34,6 +34,7 @@ pub struct Metrics {
     waiting: IntGaugeVec,
     in_flight: IntGaugeVec,
     ready_pods: IntGaugeVec,
+    capacity: IntGaugeVec,
 }
 
 /// The label children of one revision, resolved once.
@@ -71,6 +72,9 @@ pub struct RevisionGauges {
     pub waiting: usize,
     pub in_flight: usize,
     pub ready_pods: usize,
+    /// Requests this activator may send the revision's pods at once; `None` for CC = 0
+    /// (unlimited).
+    pub capacity: Option<usize>,
 }
 
 impl Metrics {
@@ -128,7 +132,16 @@ impl Metrics {
             ),
             &labels,
         )?;
+        let capacity = IntGaugeVec::new(
+            Opts::new(
+                "activator_capacity",
+                "Requests this activator may send the revision's pods at once: its subset of \
+                 the pods times its share of their container concurrency (absent for CC = 0)",
+            ),
+            &labels,
+        )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(capacity.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(cold_start.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
@@ -144,6 +157,7 @@ impl Metrics {
             waiting,
             in_flight,
             ready_pods,
+            capacity,
         })
     }
 
@@ -167,7 +181,12 @@ impl Metrics {
             let _ = vec.remove_label_values(&[ns, name]);
         }
         let _ = self.rejected.remove_label_values(&[ns, name]);
-        for g in [&self.waiting, &self.in_flight, &self.ready_pods] {
+        for g in [
+            &self.waiting,
+            &self.in_flight,
+            &self.ready_pods,
+            &self.capacity,
+        ] {
             let _ = g.remove_label_values(&[ns, name]);
         }
     }
@@ -189,6 +208,12 @@ impl Metrics {
             self.ready_pods
                 .with_label_values(&labels)
                 .set(as_i64(g.ready_pods));
+            match g.capacity {
+                Some(c) => self.capacity.with_label_values(&labels).set(as_i64(c)),
+                None => {
+                    let _ = self.capacity.remove_label_values(&labels);
+                }
+            }
         }
         let mut buf = Vec::with_capacity(8192);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

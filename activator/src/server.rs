@@ -383,6 +383,7 @@ pub fn metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody>
                 waiting: r.throttler.waiting(),
                 in_flight: r.throttler.in_flight(),
                 ready_pods: r.throttler.ready_pods(),
+                capacity: (r.throttler.container_concurrency() > 0).then(|| r.throttler.capacity()),
             },
         )
     }));

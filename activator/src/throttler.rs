@@ -117,6 +117,24 @@ fn subset_range(pods: usize, activators: usize, index: Option<usize>) -> Range<u
     start..start + size + usize::from(i < extra)
 }
 
+/// The permits per pod this activator may hold, for container concurrency `cc`, `pods`
+/// pods and `activators` activators, this one number `index`. With at least as many pods
+/// as activators each pod belongs to one activator, which holds all its `cc`. With more
+/// activators than pods, activator `i` uses pod `i mod pods` like others do, so that pod's
+/// `cc` is split between them (the first ones take the remainder), and the pod never gets
+/// more than `cc` from all of them together. [beyond]: Knative gives each at least one,
+/// which lets a pod with small `cc` be sent more than `cc`.
+fn pod_share(cc: usize, pods: usize, activators: usize, index: Option<usize>) -> usize {
+    let Some(i) = index else { return cc };
+    if pods == 0 || activators <= pods || i >= activators {
+        return cc;
+    }
+    let pod = i % pods;
+    let sharing = activators / pods + usize::from(pod < activators % pods);
+    let rank = i / pods;
+    cc / sharing + usize::from(rank < cc % sharing)
+}
+
 /// One revision's throttler. Shared as `Arc`.
 pub struct Throttler {
     shared: Arc<Shared>,
@@ -160,6 +178,9 @@ struct State {
     draining: Vec<Pod>,
     /// The slice of `pods` assigned to this activator.
     assigned: Range<usize>,
+    /// The permits this activator may hold per assigned pod: `cc`, or its share of `cc`
+    /// when more activators than pods share each pod (see [`pod_share`]).
+    pod_cc: usize,
     /// The revision's ready activators, sorted, and this activator's IP.
     activators: Vec<IpAddr>,
     own_ip: Option<IpAddr>,
@@ -191,13 +212,19 @@ const SHRINK_ABOVE: usize = 1024;
 impl State {
     fn reassign(&mut self) {
         let n = self.pods.len();
-        self.assigned = if self.cc == 0 {
-            0..n
+        let index = self
+            .own_ip
+            .and_then(|ip| self.activators.binary_search(&ip).ok());
+        (self.assigned, self.pod_cc) = if self.cc == 0 {
+            (0..n, 0)
         } else {
-            let index = self
-                .own_ip
-                .and_then(|ip| self.activators.binary_search(&ip).ok());
-            subset_range(n, self.activators.len(), index)
+            let share = pod_share(self.cc, n, self.activators.len(), index);
+            match share {
+                // Every permit of our pod belongs to activators ahead of us: we hold none
+                // (our waiters count as demand, and the autoscaler adds pods).
+                0 => (0..0, 0),
+                share => (subset_range(n, self.activators.len(), index), share),
+            }
         };
     }
 
@@ -205,7 +232,7 @@ impl State {
         match self.assigned.len() {
             0 => 0,
             _ if self.cc == 0 => usize::MAX,
-            n => self.cc.saturating_mul(n),
+            n => self.pod_cc.saturating_mul(n),
         }
     }
 
@@ -217,8 +244,9 @@ impl State {
         if n == 0 {
             return None;
         }
-        let cc = self.cc;
-        let i = match cc {
+        let cc = self.pod_cc;
+        // The policy follows the revision's CC; the limit is this activator's share.
+        let i = match self.cc {
             // Random choice of two, the one with fewer in flight.
             0 if n == 1 => 0,
             0 => {
@@ -334,6 +362,7 @@ impl Throttler {
     ) -> Self {
         let state = State {
             cc: container_concurrency,
+            pod_cc: container_concurrency,
             pods: Vec::new(),
             draining: Vec::new(),
             assigned: 0..0,
@@ -767,6 +796,48 @@ mod tests {
         }
         // One pod: everyone takes it.
         assert_eq!(subset(&pods[..1], &acts, activator(3)), &pods[..1]);
+    }
+
+    #[test]
+    fn pods_shared_by_several_activators_split_their_cc() {
+        // Whatever the numbers, the activators on one pod hold at most CC together.
+        for cc in 1..=7 {
+            for pods in 1..=4 {
+                for activators in 1..=9 {
+                    let mut per_pod = vec![0; pods];
+                    for i in 0..activators {
+                        let share = pod_share(cc, pods, activators, Some(i));
+                        let range = subset_range(pods, activators, Some(i));
+                        for p in range {
+                            per_pod[p] += share;
+                        }
+                    }
+                    assert!(
+                        per_pod.iter().all(|&n| n == cc),
+                        "cc {cc}, {pods} pods, {activators} activators: {per_pod:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(pod_share(2, 1, 3, Some(0)), 1);
+        assert_eq!(pod_share(2, 1, 3, Some(2)), 0);
+        assert_eq!(pod_share(2, 1, 3, None), 2);
+    }
+
+    #[test]
+    fn an_activator_with_no_share_holds_no_permit() {
+        let t = throttler(1);
+        t.update_pods(vec![pod(1)]);
+        t.update_activators(vec![activator(1), activator(2)], Some(activator(2)));
+        assert_eq!(t.capacity(), 0);
+        assert_eq!(t.assigned_pods(), 0);
+        let first = throttler(1);
+        first.update_pods(vec![pod(1)]);
+        first.update_activators(vec![activator(1), activator(2)], Some(activator(1)));
+        assert_eq!(first.capacity(), 1);
+        // A second pod gives each its own.
+        t.update_pods(vec![pod(1), pod(2)]);
+        assert_eq!(t.capacity(), 1);
     }
 
     #[test]

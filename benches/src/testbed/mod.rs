@@ -188,6 +188,98 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// Stops the API server (SIGTERM, then SIGKILL after 10 s) for an outage test, and
+    /// returns what restarts it with the same command line. Pods, etcd and the node keep
+    /// running; everything that talks to the API server sees connections refused.
+    pub fn stop_apiserver(&self) -> StoppedApiserver {
+        let pid_file = self.state_dir.join("pids/kube-apiserver.pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no API server pid in {}", pid_file.display()));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_else(|e| panic!("API server {pid} is not running: {e}"));
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let target = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Gone once /proc no longer shows it running (a zombie counts as gone: PID 1
+        // here reaps slowly).
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        while running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if running() {
+            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+        }
+        StoppedApiserver {
+            args,
+            pid_file,
+            log: self.state_dir.join("logs/kube-apiserver.log"),
+            kubeconfig: self.kubeconfig.clone(),
+            kubectl: self.kubectl.clone(),
+        }
+    }
+}
+
+/// An API server stopped by [`Testbed::stop_apiserver`].
+#[derive(Debug)]
+pub struct StoppedApiserver {
+    args: Vec<String>,
+    pid_file: PathBuf,
+    log: PathBuf,
+    kubeconfig: PathBuf,
+    kubectl: PathBuf,
+}
+
+impl StoppedApiserver {
+    /// Starts it again, as up.sh did (its own session, logging to the same file), records
+    /// the new pid for down.sh, and waits until it answers.
+    pub fn restart(self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.log.display()));
+        let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new("setsid")
+            .args(&self.args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("restarting the API server: {e}"));
+        std::fs::write(&self.pid_file, format!("{}\n", child.id()))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.pid_file.display()));
+        for _ in 0..600 {
+            let ok = Command::new(&self.kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(["get", "--raw", "/readyz"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the API server did not come back within 120 s");
+    }
+}
+
 /// The repository's root (this crate lives in `benches/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
