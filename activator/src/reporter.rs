@@ -12,6 +12,17 @@
 //!   moment they are queued (the collector wakes the task through a [`Notify`]); it pings,
 //!   watches for pongs, and reconnects forever with capped exponential backoff.
 //!
+//! ## Fixed or followed target
+//! Under Knative the autoscaler has one address ([`Reporter::spawn`]). On the Kubernetes
+//! platform the autoscaler is whichever activator holds the Lease, so
+//! [`Reporter::spawn_following`] takes a `watch` of URLs: it reconnects (at once, without
+//! backoff) when the URL changes, and with `None` (no leader known, or this activator
+//! is the leader and feeds its stats in process) it does not connect at all. Either
+//! way stats are cut every period and dropped while not connected. Only a fixed target
+//! gates readiness ([`Reporter::blocks_readiness`]): Knative's activator is not ready
+//! without its autoscaler, but an activator must not go unready because the activators'
+//! own leader is changing.
+//!
 //! ## Poke queue
 //! Pokes are kept as revision ids in a small mutex-guarded `Vec` inside `RevisionStats`
 //! plus a [`Notify`]. `Notify::notify_one` stores a permit when the reporter is not
@@ -297,6 +308,8 @@ impl Backoff {
 enum Ended {
     /// Close code 1012 (Service Restart): reconnect at once.
     Restart,
+    /// The target changed: reconnect at once, to the new one.
+    Retarget,
     /// Any other close frame.
     Closed(Option<CloseFrame>),
     /// I/O or protocol error, silence past the pong timeout, or a stalled send.
@@ -307,6 +320,7 @@ impl fmt::Display for Ended {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Ended::Restart => f.write_str("closed by the autoscaler: service restart (1012)"),
+            Ended::Retarget => f.write_str("the autoscaler moved"),
             Ended::Closed(Some(frame)) => write!(f, "closed by the autoscaler: {frame}"),
             Ended::Closed(None) => f.write_str("closed by the autoscaler"),
             Ended::Failed(reason) => f.write_str(reason),
@@ -324,6 +338,8 @@ const CLOSE_GRACE: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct Reporter {
     connected: watch::Receiver<bool>,
+    /// The target is a `watch` given by the caller (not a fixed URL).
+    following: bool,
     task: JoinHandle<()>,
 }
 
@@ -333,6 +349,30 @@ impl Reporter {
     /// is false.
     #[must_use = "dropping the Reporter stops it"]
     pub fn spawn(settings: ReporterSettings, stats: Arc<RevisionStats>) -> Reporter {
+        let (fixed, target) = watch::channel(Some(settings.url.clone()));
+        Self::start(settings, target, Some(fixed), stats)
+    }
+
+    /// Starts a reporter that streams to whatever URL `target` holds, reconnecting at
+    /// once when it changes; `None` means do not connect (no leader known, or this
+    /// activator is the leader). `settings.url` is not used. If the sender is dropped,
+    /// the last URL stays the target.
+    #[must_use = "dropping the Reporter stops it"]
+    pub fn spawn_following(
+        settings: ReporterSettings,
+        target: watch::Receiver<Option<String>>,
+        stats: Arc<RevisionStats>,
+    ) -> Reporter {
+        Self::start(settings, target, None, stats)
+    }
+
+    fn start(
+        settings: ReporterSettings,
+        target: watch::Receiver<Option<String>>,
+        fixed: Option<watch::Sender<Option<String>>>,
+        stats: Arc<RevisionStats>,
+    ) -> Reporter {
+        let following = fixed.is_none();
         let (tx, rx) = watch::channel(false);
         let mut ticker = time::interval_at(Instant::now() + settings.period, settings.period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -342,9 +382,13 @@ impl Reporter {
             stats,
             ticker,
             connected: tx,
+            target,
+            watching: true,
+            _fixed: fixed,
         };
         Reporter {
             connected: rx,
+            following,
             task: tokio::spawn(worker.run()),
         }
     }
@@ -357,6 +401,12 @@ impl Reporter {
     /// A receiver that sees every change of [`is_connected`](Self::is_connected).
     pub fn connected_changed(&self) -> watch::Receiver<bool> {
         self.connected.clone()
+    }
+
+    /// Whether readiness must fail for this reporter right now: a fixed target (Knative's
+    /// autoscaler) that is not connected. A following reporter never blocks readiness.
+    pub fn blocks_readiness(&self) -> bool {
+        !self.following && !self.is_connected()
     }
 }
 
@@ -372,37 +422,74 @@ struct Worker {
     ticker: time::Interval,
     backoff: Backoff,
     connected: watch::Sender<bool>,
+    target: watch::Receiver<Option<String>>,
+    /// `false` once the target's sender is gone: the last URL stays.
+    watching: bool,
+    /// Keeps a fixed target's channel open.
+    _fixed: Option<watch::Sender<Option<String>>>,
 }
 
 impl Worker {
     async fn run(mut self) {
-        let url = self.settings.url.clone();
         let mut connect_now = true;
         let mut failing = false;
+        let mut idle_announced = false;
         loop {
+            let Some(url) = self.target.borrow_and_update().clone() else {
+                if !idle_announced {
+                    tracing::info!("no autoscaler to report to; not connecting");
+                    idle_announced = true;
+                }
+                // Until the target changes; stats are cut and dropped meanwhile.
+                self.idle(std::future::pending::<()>(), None).await;
+                connect_now = true;
+                failing = false;
+                self.backoff.reset();
+                continue;
+            };
+            idle_announced = false;
             if !connect_now {
                 let delay = self.backoff.next_delay();
-                self.idle(time::sleep(delay)).await;
+                if self.idle(time::sleep(delay), Some(&url)).await.is_none() {
+                    connect_now = true;
+                    failing = false;
+                    self.backoff.reset();
+                    continue;
+                }
             }
             connect_now = false;
             let attempt = time::timeout(
                 self.settings.connect_timeout,
                 tokio_tungstenite::connect_async(url.as_str()),
             );
-            let error = match self.idle(attempt).await {
+            let Some(attempt) = self.idle(attempt, Some(&url)).await else {
+                // Retargeted while connecting: try the new target at once.
+                connect_now = true;
+                failing = false;
+                self.backoff.reset();
+                continue;
+            };
+            let error = match attempt {
                 Ok(Ok((mut ws, _response))) => {
                     failing = false;
                     self.backoff.reset();
                     self.connected.send_replace(true);
                     tracing::info!(%url, "connected to the autoscaler");
-                    let ended = self.serve(&mut ws).await;
+                    let ended = self.serve(&mut ws, &url).await;
                     self.connected.send_replace(false);
                     drop(ws);
-                    if let Ended::Restart = ended {
-                        tracing::info!(%url, "autoscaler restarting (close 1012); reconnecting now");
-                        connect_now = true;
-                    } else {
-                        tracing::warn!(%url, reason = %ended, "lost the connection to the autoscaler; reconnecting");
+                    match ended {
+                        Ended::Restart => {
+                            tracing::info!(%url, "autoscaler restarting (close 1012); reconnecting now");
+                            connect_now = true;
+                        }
+                        Ended::Retarget => {
+                            tracing::info!(%url, "the autoscaler moved; leaving this one");
+                            connect_now = true;
+                        }
+                        ended => {
+                            tracing::warn!(%url, reason = %ended, "lost the connection to the autoscaler; reconnecting");
+                        }
                     }
                     continue;
                 }
@@ -422,13 +509,21 @@ impl Worker {
     }
 
     /// Drives `fut` while disconnected: windows keep being cut and pokes drained, but
-    /// nothing is sent (stats are dropped while disconnected).
-    async fn idle<F: Future>(&mut self, fut: F) -> F::Output {
+    /// nothing is sent (stats are dropped while disconnected). Returns `None`, dropping
+    /// `fut`, as soon as the target differs from `current`.
+    async fn idle<F: Future>(&mut self, fut: F, current: Option<&str>) -> Option<F::Output> {
         tokio::pin!(fut);
         loop {
             tokio::select! {
                 biased;
-                out = &mut fut => return out,
+                changed = self.target.changed(), if self.watching => {
+                    if changed.is_err() {
+                        self.watching = false;
+                    } else if self.target.borrow_and_update().as_deref() != current {
+                        return None;
+                    }
+                }
+                out = &mut fut => return Some(out),
                 () = self.stats.poked() => self.stats.discard_pokes(),
                 _ = self.ticker.tick() => {
                     self.stats.tick(&self.settings.pod_name, Instant::now());
@@ -439,7 +534,7 @@ impl Worker {
     }
 
     /// Streams stats over an open connection until it ends.
-    async fn serve(&mut self, ws: &mut Ws) -> Ended {
+    async fn serve(&mut self, ws: &mut Ws, url: &str) -> Ended {
         let ping_every = self.settings.ping_interval;
         let mut ping = time::interval_at(Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -447,6 +542,19 @@ impl Worker {
         loop {
             tokio::select! {
                 biased;
+                changed = self.target.changed(), if self.watching => {
+                    if changed.is_err() {
+                        self.watching = false;
+                    } else if self.target.borrow_and_update().as_deref() != Some(url) {
+                        self.connected.send_replace(false);
+                        let frame = CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "the autoscaler moved".into(),
+                        };
+                        let _ = time::timeout(CLOSE_GRACE, ws.close(Some(frame))).await;
+                        return Ended::Retarget;
+                    }
+                }
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Close(frame))) => {
                         self.connected.send_replace(false);
@@ -1102,5 +1210,163 @@ mod tests {
             up.elapsed()
         );
         server.abort();
+    }
+
+    // ---- following a moving target ----
+
+    /// Accepts TCP on `listener` and counts attempts, never speaking websocket.
+    async fn attempts_within(listener: &TcpListener, span: Duration) -> usize {
+        let until = Instant::now() + span;
+        let mut n = 0;
+        while let Ok(Ok((tcp, _))) = time::timeout_at(until, listener.accept()).await {
+            n += 1;
+            drop(tcp);
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn following_none_never_connects_nor_blocks_readiness() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(None::<String>);
+        let stats = Arc::new(RevisionStats::new());
+        let reporter = Reporter::spawn_following(test_settings(addr), rx, Arc::clone(&stats));
+        // Load and pokes while there is no target are cut and dropped, not queued.
+        let rev = RevisionId::new("ns", "r");
+        let _held = stats.arrive(&rev);
+        assert_eq!(
+            attempts_within(&listener, Duration::from_millis(600)).await,
+            0
+        );
+        assert!(!reporter.is_connected());
+        assert!(!reporter.blocks_readiness());
+        drop(listener);
+
+        // A fixed reporter that is not connected does block readiness.
+        let fixed = Reporter::spawn(test_settings(addr), Arc::new(RevisionStats::new()));
+        assert!(fixed.blocks_readiness());
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn following_reconnects_at_once_when_the_target_moves() {
+        let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a_addr = a.local_addr().unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b_addr = b.local_addr().unwrap();
+        let (server_a, mut events_a) = ws_server(a);
+        let (server_b, mut events_b) = ws_server(b);
+        let (tx, rx) = watch::channel(Some(format!("ws://{a_addr}/")));
+        let stats = Arc::new(RevisionStats::new());
+        let settings = ReporterSettings {
+            // A long backoff, so only an immediate retarget passes the timing checks.
+            backoff_initial: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(5),
+            ..test_settings(a_addr)
+        };
+        let reporter = Reporter::spawn_following(settings, rx, Arc::clone(&stats));
+        connection(&mut events_a, Duration::from_secs(2))
+            .await
+            .expect("connects to the first target");
+        assert!(wait_connected(&reporter, true, Duration::from_secs(1)).await);
+        assert!(!reporter.blocks_readiness());
+        let rev = RevisionId::new("ns", "busy");
+        let _held = stats.arrive(&rev);
+
+        // The leader moves to B: A's connection ends, B gets one at once, with stats.
+        let moved = Instant::now();
+        tx.send_replace(Some(format!("ws://{b_addr}/")));
+        connection(&mut events_b, Duration::from_secs(2))
+            .await
+            .expect("connects to the new target");
+        assert!(
+            moved.elapsed() < Duration::from_secs(1),
+            "retarget took {:?}",
+            moved.elapsed()
+        );
+        let a_seen = events_for(&mut events_a, Duration::from_millis(300)).await;
+        assert!(
+            a_seen.iter().any(|e| matches!(e, Event::Closed)),
+            "the old target's connection closed"
+        );
+        let batch = loop {
+            match next_event(&mut events_b, Duration::from_secs(1)).await {
+                Some(Event::Binary(m, _)) => break m,
+                Some(Event::Ping) => {}
+                _ => panic!("no batch on the new target"),
+            }
+        };
+        assert!(stat_of(&batch, &rev).is_some());
+
+        // Setting the same URL again changes nothing.
+        tx.send_replace(Some(format!("ws://{b_addr}/")));
+        for ev in events_for(&mut events_b, Duration::from_millis(300)).await {
+            assert!(!matches!(ev, Event::Closed | Event::Connected(_)));
+        }
+
+        // No leader (or this activator leads): disconnect and stay away.
+        tx.send_replace(None);
+        assert!(wait_connected(&reporter, false, Duration::from_secs(1)).await);
+        let after: Vec<_> = events_for(&mut events_b, Duration::from_millis(600)).await;
+        assert!(after.iter().any(|e| matches!(e, Event::Closed)));
+        assert!(!after.iter().any(|e| matches!(e, Event::Connected(_))));
+        assert!(events_for(&mut events_a, Duration::from_millis(100))
+            .await
+            .iter()
+            .all(|e| !matches!(e, Event::Connected(_))));
+
+        // A target again, even while a backoff would be running: at once.
+        let back = Instant::now();
+        tx.send_replace(Some(format!("ws://{a_addr}/")));
+        connection(&mut events_a, Duration::from_secs(2))
+            .await
+            .expect("reconnects when a leader is known again");
+        assert!(
+            back.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            back.elapsed()
+        );
+
+        // The sender going away keeps the last target.
+        drop(tx);
+        assert!(wait_connected(&reporter, true, Duration::from_secs(1)).await);
+        for ev in events_for(&mut events_a, Duration::from_millis(400)).await {
+            assert!(!matches!(ev, Event::Closed));
+        }
+        drop(reporter);
+        server_a.abort();
+        server_b.abort();
+    }
+
+    #[tokio::test]
+    async fn following_retargets_during_a_backoff() {
+        // Nothing listens on the first target: the reporter is backing off (5 s) when
+        // the target moves, and must not wait the backoff out.
+        let dead = free_addr().await;
+        let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b_addr = b.local_addr().unwrap();
+        let (server_b, mut events_b) = ws_server(b);
+        let (tx, rx) = watch::channel(Some(format!("ws://{dead}/")));
+        let settings = ReporterSettings {
+            backoff_initial: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(5),
+            ..test_settings(dead)
+        };
+        let reporter = Reporter::spawn_following(settings, rx, Arc::new(RevisionStats::new()));
+        time::sleep(Duration::from_millis(300)).await;
+        assert!(!reporter.is_connected());
+        let moved = Instant::now();
+        tx.send_replace(Some(format!("ws://{b_addr}/")));
+        connection(&mut events_b, Duration::from_secs(2))
+            .await
+            .expect("connects to the new target");
+        assert!(
+            moved.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            moved.elapsed()
+        );
+        drop(reporter);
+        server_b.abort();
     }
 }

@@ -319,12 +319,17 @@ fn is_kubelet_probe<B>(req: &Request<B>) -> bool {
         })
 }
 
-/// CONTRACT §2.2.1: ready unless draining or cut off from the autoscaler.
+/// CONTRACT §2.2.1: ready unless draining or cut off from (Knative's) autoscaler; a
+/// reporter that follows the activators' elected leader never blocks readiness.
 fn readiness(state: &State) -> Response<ResponseBody> {
     if state.draining.load(Ordering::Relaxed) {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "activator is draining");
     }
-    if state.reporter.as_ref().is_some_and(|r| !r.is_connected()) {
+    if state
+        .reporter
+        .as_ref()
+        .is_some_and(Reporter::blocks_readiness)
+    {
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "not connected to the autoscaler",
