@@ -10,6 +10,7 @@ pub mod platform;
 pub mod reporter;
 pub mod revision;
 pub mod server;
+pub mod stat_server;
 pub mod throttler;
 
 pub use thaw_shared::logging;
