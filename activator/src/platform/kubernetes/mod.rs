@@ -11,6 +11,7 @@
 //! - [`lease`]: leader election; the leader's stat websocket is `crate::stat_server`.
 
 pub mod index;
+pub mod lease;
 pub mod scaler;
 pub mod sync;
 
