@@ -118,7 +118,7 @@ impl FunctionSettings {
             return Err(error(HOSTS, bad, "not a host name"));
         }
         let service = match get(SERVICE) {
-            Some((_, v)) if v.is_empty() => None,
+            Some((_, "")) => None,
             Some((name, v)) if !is_dns_label(v) => {
                 return Err(error(name, v, "not a Service name (a DNS label)"))
             }
@@ -144,7 +144,7 @@ impl FunctionSettings {
         }
         let target = match get(TARGET) {
             Some((n, v)) => match v.parse::<f64>() {
-                Ok(t) if t.is_finite() && t >= 0.01 && t <= 1e9 => t,
+                Ok(t) if (0.01..=1e9).contains(&t) => t,
                 _ => return Err(error(n, v, "expected a number between 0.01 and 1e9")),
             },
             None if cc > 0 => (cc as f64 * TARGET_UTILIZATION).max(1.0),

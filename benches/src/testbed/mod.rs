@@ -255,7 +255,7 @@ impl StoppedApiserver {
             .open(&self.log)
             .unwrap_or_else(|e| panic!("{}: {e}", self.log.display()));
         let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new("setsid")
+        let mut child = Command::new("setsid")
             .args(&self.args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
@@ -264,6 +264,8 @@ impl StoppedApiserver {
             .unwrap_or_else(|e| panic!("restarting the API server: {e}"));
         std::fs::write(&self.pid_file, format!("{}\n", child.id()))
             .unwrap_or_else(|e| panic!("{}: {e}", self.pid_file.display()));
+        // Reaped here if it exits while we run; down.sh stops it by its pid otherwise.
+        std::thread::spawn(move || child.wait());
         for _ in 0..600 {
             let ok = Command::new(&self.kubectl)
                 .arg("--kubeconfig")

@@ -31,6 +31,8 @@ pub struct Write {
 
 struct State {
     autoscaler: Autoscaler,
+    /// When this leader started deciding for the function.
+    since: Instant,
     /// The last write and when, until the Deployment shows it.
     pending: Option<(u32, Instant)>,
 }
@@ -64,12 +66,19 @@ impl Scaler {
             let settings = f.scaling();
             let state = self.states.entry(f.id.clone()).or_insert_with(|| State {
                 autoscaler: Autoscaler::new(settings),
+                since: now,
                 pending: None,
             });
             state.autoscaler.set_settings(settings);
             state.autoscaler.record(now, observed(&f.id));
             let ready = u32::try_from(f.ready.len()).unwrap_or(u32::MAX);
-            let desired = state.autoscaler.decide(now, ready).desired;
+            let mut desired = state.autoscaler.decide(now, ready).desired;
+            // A leader that has watched a function for less than a stable window has not
+            // seen enough to take pods away (a new Deployment's first pod, or a new leader
+            // with no history): like Knative's initial scale, it only adds.
+            if now.duration_since(state.since) < settings.stable_window {
+                desired = desired.max(f.replicas);
+            }
             if state.pending.is_some_and(|(n, _)| n == f.replicas) {
                 state.pending = None;
             }
