@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_yaml::Value;
+use serde_json::Value;
 use thaw_shared::duration::parse_duration;
 use thaw_shared::timeout::Timeouts;
 
@@ -84,9 +84,8 @@ fn describe(v: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::String(s) => format!("{s:?}"),
-        Value::Sequence(_) => "a list".into(),
-        Value::Mapping(_) => "a mapping".into(),
-        Value::Tagged(t) => format!("a tagged value {}", t.tag),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "a mapping".into(),
     }
 }
 
@@ -130,7 +129,7 @@ fn duration(path: &str, v: &Value) -> Result<Duration> {
 }
 
 fn strings(path: &str, v: &Value) -> Result<Vec<String>> {
-    let Value::Sequence(items) = v else {
+    let Value::Array(items) = v else {
         return Err(format!("{path}: expected a list, got {}", describe(v)));
     };
     items
@@ -149,14 +148,11 @@ fn env(path: &str, v: &Value) -> Result<Vec<(String, String)>> {
         other => Err(format!("{p}: expected a string, got {}", describe(other))),
     };
     match v {
-        Value::Mapping(m) => m
+        Value::Object(m) => m
             .iter()
-            .map(|(k, val)| {
-                let key = string(path, k)?;
-                Ok((key.clone(), scalar(&format!("{path}.{key}"), val)?))
-            })
+            .map(|(key, val)| Ok((key.clone(), scalar(&format!("{path}.{key}"), val)?)))
             .collect(),
-        Value::Sequence(items) => items
+        Value::Array(items) => items
             .iter()
             .enumerate()
             .map(|(i, item)| {
@@ -193,11 +189,10 @@ fn strip_probe_ports(v: &mut serde_json::Value) {
 }
 
 fn revision(path: &str, v: &Value) -> Result<LocalRevision> {
-    let Value::Mapping(m) = v else {
+    let Value::Object(m) = v else {
         return Err(format!("{path}: expected a mapping, got {}", describe(v)));
     };
     for key in m.keys() {
-        let key = string(path, key)?;
         if !FIELDS.contains(&key.as_str()) {
             return Err(format!(
                 "{path}.{key}: unknown field (known: {})",
@@ -319,8 +314,7 @@ fn revision(path: &str, v: &Value) -> Result<LocalRevision> {
     let readiness_probe = match field("readinessProbe") {
         None => None,
         Some(p) => {
-            let mut json =
-                serde_json::to_value(p).map_err(|e| format!("{}: {e}", at("readinessProbe")))?;
+            let mut json = p.clone();
             strip_probe_ports(&mut json);
             let text = json.to_string();
             // Checked here so a bad probe fails the start, not every pod.
@@ -349,23 +343,20 @@ fn revision(path: &str, v: &Value) -> Result<LocalRevision> {
 impl LocalConfig {
     /// Parses the YAML text; relative commands resolve from `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Self> {
-        let root: Value = serde_yaml::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
-        let Value::Mapping(root) = root else {
+        let root: Value = serde_saphyr::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+        let Value::Object(root) = root else {
             return Err(format!(
                 "expected a mapping with a revisions list, got {}",
                 describe(&root)
             ));
         };
-        if let Some(key) = root.keys().find(|k| k.as_str() != Some("revisions")) {
-            return Err(format!(
-                "{}: unknown top-level field (known: revisions)",
-                describe(key).trim_matches('"')
-            ));
+        if let Some(key) = root.keys().find(|k| k.as_str() != "revisions") {
+            return Err(format!("{key}: unknown top-level field (known: revisions)"));
         }
         let Some(list) = root.get("revisions") else {
             return Err("revisions: missing".into());
         };
-        let Value::Sequence(items) = list else {
+        let Value::Array(items) = list else {
             return Err(format!(
                 "revisions: expected a list, got {}",
                 describe(list)
