@@ -13,6 +13,9 @@ use thaw_shared::duration::parse_duration;
 pub enum PlatformKind {
     /// One machine, no cluster: revisions from a YAML file (`--config`).
     Local,
+    /// Plain Kubernetes, no Knative: Deployments annotated `thaw.dev/*`, their Services'
+    /// EndpointSlices, and the built-in autoscaler writing their scale.
+    Kubernetes,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -90,6 +93,30 @@ pub struct Config {
     /// This activator's IP, which places it among the activators for subsetting.
     #[arg(long, env = "POD_IP")]
     pub pod_ip: Option<IpAddr>,
+
+    /// Kubernetes: the activators' namespace, where their Service and the Lease live.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "thaw-system")]
+    pub system_namespace: String,
+
+    /// Kubernetes: the activators' own Service; its EndpointSlices list every activator,
+    /// for subsetting pods between them.
+    #[arg(long, env = "THAW_ACTIVATOR_SERVICE", default_value = "thaw-activator")]
+    pub activator_service: String,
+
+    /// Kubernetes: the coordination.k8s.io Lease that elects the one activator running
+    /// the autoscaler.
+    #[arg(long, env = "THAW_LEASE_NAME", default_value = "thaw-autoscaler")]
+    pub lease_name: String,
+
+    /// Kubernetes: the port of the stat websocket the leading activator serves and the
+    /// others report their load to (Knative's autoscaler port).
+    #[arg(long, env = "THAW_STAT_PORT", default_value_t = 8080)]
+    pub stat_port: u16,
+
+    /// Kubernetes: watch functions in this namespace only (default: every namespace;
+    /// RBAC may then be a Role instead of a ClusterRole).
+    #[arg(long, env = "THAW_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
 
     /// Cluster domain for `<revision>.<namespace>.svc.<domain>` hosts.
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use crate::backends::ProbeSchedule;
 use crate::config::{Config, PlatformKind};
 use crate::metrics::Metrics;
+use crate::platform::kubernetes::{self, KubernetesError};
 use crate::platform::local::{self, LocalConfigError, LocalPlatform, LocalSettings};
 use crate::platform::Platform;
 use crate::reporter::{Reporter, ReporterSettings, RevisionStats};
@@ -45,6 +46,8 @@ pub enum RunError {
     NoConfig,
     #[error("{0}")]
     LocalConfig(#[from] LocalConfigError),
+    #[error("{0}")]
+    Kubernetes(#[from] KubernetesError),
     #[error("cannot listen on {what} port {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -60,13 +63,20 @@ pub enum RunError {
 impl RunError {
     /// Errors in what the user gave, as opposed to the environment failing.
     pub fn is_config(&self) -> bool {
-        matches!(self, RunError::NoConfig | RunError::LocalConfig(_))
+        match self {
+            RunError::NoConfig | RunError::LocalConfig(_) => true,
+            RunError::Kubernetes(e) => e.is_config(),
+            _ => false,
+        }
     }
 }
 
 /// Builds the platform the flags ask for; `load` is the activator's own per-revision
 /// concurrency, which platforms with a built-in autoscaler scale on.
-pub fn platform(config: &Config, load: Arc<RevisionStats>) -> Result<Arc<dyn Platform>, RunError> {
+pub async fn platform(
+    config: &Config,
+    load: Arc<RevisionStats>,
+) -> Result<Arc<dyn Platform>, RunError> {
     match config.platform {
         PlatformKind::Local => {
             let path = config.config.as_ref().ok_or(RunError::NoConfig)?;
@@ -78,6 +88,7 @@ pub fn platform(config: &Config, load: Arc<RevisionStats>) -> Result<Arc<dyn Pla
             };
             Ok(Arc::new(LocalPlatform::start(file, load, settings)))
         }
+        PlatformKind::Kubernetes => Ok(Arc::new(kubernetes::connect(config, load).await?)),
     }
 }
 
@@ -135,7 +146,7 @@ async fn bind(config: &Config, what: &'static str, port: u16) -> Result<TcpListe
 /// Runs the activator on the platform the flags name until SIGTERM/SIGINT and its drain.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let stats = Arc::new(RevisionStats::new());
-    let platform = platform(&config, Arc::clone(&stats))?;
+    let platform = platform(&config, Arc::clone(&stats)).await?;
     run_with(config, platform, stats).await
 }
 

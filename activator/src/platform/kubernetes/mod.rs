@@ -16,6 +16,7 @@ pub mod scaler;
 pub mod sync;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{self, Event, EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use thaw_shared::annotations::AnnotationError;
@@ -32,12 +33,15 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use self::index::{Change, DeploymentRef, Function, Index};
+use self::lease::{ElectionError, Elector, LeaseElector, LeaseSettings};
 use self::scaler::{Scaler, Write};
 use self::sync::{Health, Source};
 use super::scrape::Scraper;
 use super::{BoxFuture, Platform, PlatformUpdate};
-use crate::reporter::RevisionStats;
+use crate::config::Config;
+use crate::reporter::{Reporter, ReporterSettings, RevisionStats};
 use crate::revision::RevisionId;
+use crate::stat_server::{StatServer, StatServerSettings};
 
 /// Where the platform looks, and how often the leader decides.
 #[derive(Debug, Clone)]
@@ -71,6 +75,9 @@ pub struct ScalerInputs {
 }
 
 struct Inner {
+    /// What only the Kubernetes wiring owns (election, stat server, reporter), released
+    /// on shutdown; `None` when started bare (tests).
+    wiring: Mutex<Option<Wiring>>,
     index: Mutex<Index>,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<PlatformUpdate>>>,
     health: Health,
@@ -167,12 +174,13 @@ impl KubernetesPlatform {
     pub fn start(client: Client, settings: KubernetesSettings, inputs: ScalerInputs) -> Self {
         let recorder = Recorder::new(
             client.clone(),
-            Reporter {
+            events::Reporter {
                 controller: "thaw-activator".into(),
                 instance: Some(settings.pod_name.clone()),
             },
         );
         let inner = Arc::new(Inner {
+            wiring: Mutex::new(None),
             index: Mutex::new(Index::new(
                 &settings.system_namespace,
                 &settings.activator_service,
@@ -320,11 +328,36 @@ impl Platform for KubernetesPlatform {
     }
 
     fn readiness(&self) -> Result<Option<String>, String> {
-        self.inner.health.readiness()
+        let watchers = self.inner.health.readiness()?;
+        let election = self
+            .inner
+            .wiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|w| w.elector.problem())
+            .map(|p| format!("leader election: {p}"));
+        Ok(match (watchers, election) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            let wiring = self
+                .inner
+                .wiring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(w) = wiring {
+                // Hand the Lease over at once rather than after it expires, and tell
+                // the other activators' reporters to move.
+                w.elector.release().await;
+                w.stat_server.shutdown().await;
+                drop(w.reporter);
+            }
             for task in self
                 .inner
                 .tasks
@@ -336,6 +369,100 @@ impl Platform for KubernetesPlatform {
             }
         })
     }
+}
+
+/// The Kubernetes platform could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("POD_IP (--pod-ip) is required with --platform kubernetes: it places this activator among the others for subsetting and is where the others report their load (set it from the downward API, status.podIP)")]
+    NoPodIp,
+    #[error("POD_NAME (--pod-name) must name this pod with --platform kubernetes: it is the identity in the leader election")]
+    NoPodName,
+    #[error("no Kubernetes API to talk to (in-cluster service account or KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+    #[error("cannot listen on the stat port {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("leader election: {0}")]
+    Election(#[from] ElectionError),
+}
+
+impl KubernetesError {
+    /// Errors in what the user gave, as opposed to the environment failing.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::NoPodIp | Self::NoPodName | Self::Election(_))
+    }
+}
+
+/// What the platform owns besides its watchers.
+struct Wiring {
+    elector: Elector,
+    stat_server: StatServer,
+    reporter: Reporter,
+}
+
+/// Everything the activator needs on Kubernetes: an API client, the stat server every
+/// activator runs (only the leader's gets traffic), the leader election, a reporter
+/// that follows the leader, and the platform fed by the watchers.
+pub async fn connect(
+    config: &Config,
+    own: Arc<RevisionStats>,
+) -> Result<KubernetesPlatform, KubernetesError> {
+    let pod_ip = config.pod_ip.ok_or(KubernetesError::NoPodIp)?;
+    if config.pod_name.is_empty() || config.pod_name == "activator" {
+        return Err(KubernetesError::NoPodName);
+    }
+    let client = Client::try_default()
+        .await
+        .map_err(KubernetesError::Client)?;
+    let addr = SocketAddr::new(config.listen_address, config.stat_port);
+    let listener = thaw_shared::serve::bind("stat", addr)
+        .await
+        .map_err(|source| KubernetesError::Bind { addr, source })?;
+    let stat_server = StatServer::spawn(listener, StatServerSettings::default());
+    let reported = stat_server.stats();
+    let elector = LeaseElector::spawn(
+        client.clone(),
+        &config.system_namespace,
+        &config.lease_name,
+        &config.pod_name,
+        &SocketAddr::new(pod_ip, config.stat_port).to_string(),
+        LeaseSettings::default(),
+    )?;
+    let reporter = Reporter::spawn_following(
+        ReporterSettings::new(String::new(), config.pod_name.clone()),
+        elector.stat_target(),
+        Arc::clone(&own),
+    );
+    let inputs = ScalerInputs {
+        leading: elector.leading(),
+        own,
+        pokes: reported.pokes(),
+        others: Arc::new(move |id| reported.load(id, Instant::now())),
+    };
+    let platform = KubernetesPlatform::start(
+        client,
+        KubernetesSettings {
+            system_namespace: config.system_namespace.clone(),
+            activator_service: config.activator_service.clone(),
+            watch_namespace: config.watch_namespace.clone(),
+            pod_name: config.pod_name.clone(),
+            tick: Duration::from_secs(1),
+        },
+        inputs,
+    );
+    *platform
+        .inner
+        .wiring
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(Wiring {
+        elector,
+        stat_server,
+        reporter,
+    });
+    Ok(platform)
 }
 
 /// While this activator leads: every tick (or at once on a cold start), observe every
