@@ -6,6 +6,7 @@
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod inject;
 pub mod logging;
 pub mod metrics;
 pub mod server;
