@@ -167,7 +167,9 @@ impl PodState {
             pod_ip: self.pod_ip.map(|ip| ip.to_string()),
             pod_ips: self.pod_ip.map(|ip| vec![PodIP { ip: ip.to_string() }]),
             start_time: Some(Time(self.start_time)),
-            qos_class: Some("BestEffort".to_owned()),
+            // The API server computes the QoS class at creation and refuses any change
+            // to it, so a merge patch leaves it out (a pod with requests is Burstable).
+            qos_class: None,
             container_statuses: Some(self.main.iter().map(container_status).collect()),
             init_container_statuses: (!self.init.is_empty())
                 .then(|| self.init.iter().map(container_status).collect()),
