@@ -23,7 +23,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 /// `64MiB`, `512KiB`, `1GiB`, `1000000` (bytes).
-fn bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (n, unit) = t.split_at(split);

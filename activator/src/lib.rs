@@ -12,6 +12,7 @@ pub mod revision;
 pub mod server;
 pub mod stat_server;
 pub mod throttler;
+pub mod webhook;
 
 pub use thaw_shared::logging;
 

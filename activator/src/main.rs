@@ -15,6 +15,9 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("queue-proxy") {
         return thaw_queue_proxy::cli::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some("webhook") {
+        return thaw_activator::webhook::main(&args[2..]);
+    }
     let config = match Config::try_parse() {
         Ok(c) => c,
         Err(e) => {
