@@ -513,7 +513,14 @@ fn the_base_is_what_the_interfaces_say() {
         json!([{"apiGroups": ["admissionregistration.k8s.io"],
                 "resources": ["mutatingwebhookconfigurations"],
                 "resourceNames": ["thaw-sidecar-injector"],
-                "verbs": ["get", "list", "watch", "patch"]}])
+                "verbs": ["get", "list", "watch", "patch"]},
+               {"apiGroups": ["apps"], "resources": ["replicasets", "deployments"], "verbs": ["get"]}])
+    );
+    assert_eq!(
+        rules("Role", "thaw-webhook-certs"),
+        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+               {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["thaw-webhook-certs"],
+                "verbs": ["get", "update"]}])
     );
     assert!(!base.contains_key(&("Role".to_owned(), "thaw-webhook".to_owned())));
 }
@@ -915,6 +922,10 @@ fn the_rbac_grants_what_the_components_need_and_nothing_more() {
             "mutatingwebhookconfigurations/thaw-sidecar-injector",
         ][..],
         &["get", "mutatingwebhookconfigurations/thaw-sidecar-injector"],
+        &["get", "secrets/thaw-webhook-certs", "-n", SYSTEM],
+        &["update", "secrets/thaw-webhook-certs", "-n", SYSTEM],
+        &["get", "replicasets.apps", "-n", "default"],
+        &["get", "deployments.apps", "-n", "default"],
         &[
             "watch",
             "mutatingwebhookconfigurations/thaw-sidecar-injector",

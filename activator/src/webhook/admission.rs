@@ -289,8 +289,23 @@ pub fn inject(
             // same precedence as `queue-proxy inject` on a manifest.
             let mut merged = string_annotations(&meta);
             merged.extend(workload.annotations.clone());
-            SidecarConfig::from_annotations(ns, &workload.name, &merged)
-                .map_err(|e| format!("not injected: {} {}: {e}", workload.kind, workload.name))
+            // A bad annotation must not leave an opted-in pod without its sidecar: the
+            // activators could never reach it. Each bad one is dropped (its default
+            // applies to this pod) and named in a warning; the activators keep their
+            // last good settings and record an Event on the workload.
+            loop {
+                match SidecarConfig::from_annotations(ns, &workload.name, &merged) {
+                    Err(e) if merged.remove(e.name).is_some() => warnings.push(format!(
+                        "thaw-webhook: {} {}: {e}; injected with its default",
+                        workload.kind, workload.name
+                    )),
+                    other => {
+                        break other.map_err(|e| {
+                            format!("not injected: {} {}: {e}", workload.kind, workload.name)
+                        })
+                    }
+                }
+            }
         }
         Some(Err(e)) => {
             warnings.push(format!(
@@ -612,7 +627,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_annotation_is_not_injected_and_named() {
+    fn bad_annotations_are_named_and_a_bad_deployment_annotation_falls_back_to_its_default() {
         let r = review(opted(json!({"thaw.dev/container-concurrency": "many"})));
         let a = inject(&r, None, &policy());
         assert_eq!(
@@ -629,11 +644,14 @@ mod tests {
             name: "web".into(),
             annotations: [("thaw.dev/min-scale".to_owned(), "-1".to_owned())].into(),
         };
+        // A bad annotation on the Deployment: the sidecar is still injected (an
+        // opted-in pod without it could never be reached), with that field's default.
         let a = inject(&review(opted(json!({}))), Some(Ok(w)), &policy());
-        assert_eq!(a.outcome, Outcome::NotInjected);
+        assert_eq!(a.outcome, Outcome::Injected);
         assert!(
             a.warnings[0].contains("Deployment web")
-                && a.warnings[0].contains("thaw.dev/min-scale"),
+                && a.warnings[0].contains("thaw.dev/min-scale")
+                && a.warnings[0].contains("injected with its default"),
             "{:?}",
             a.warnings
         );
