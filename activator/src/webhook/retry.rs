@@ -63,7 +63,7 @@ impl Complaint {
         if self.last.as_deref() == Some(message.as_str()) {
             return false;
         }
-        tracing::warn!(task = self.task, error = %message, "{}: {message}", self.task);
+        tracing::warn!(error = %message, "{}", self.task);
         self.last = Some(message);
         true
     }
@@ -71,7 +71,7 @@ impl Complaint {
     /// The task works again; says so if it had failed.
     pub fn clear(&mut self) {
         if self.last.take().is_some() {
-            tracing::info!(task = self.task, "{}: working again", self.task);
+            tracing::info!("{}: working again", self.task);
         }
     }
 }
