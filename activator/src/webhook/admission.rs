@@ -19,15 +19,18 @@
 //! any; else from its owner's: a ReplicaSet's pod is looked up to its Deployment
 //! ([`super::owner`]), whose annotations are the ones the activator reads. If that
 //! lookup fails the pod is still injected, with the defaults, and a warning says so.
-//! A bad annotation leaves the pod uninjected with a warning naming it: a sidecar with
-//! guessed settings would be wrong in a way nobody notices.
+//! A bad annotation (the pod's or the workload's) is dropped for this pod, its default
+//! applying, and named in a warning: an opted-in pod left without its sidecar could
+//! never be reached. (The activators, reading the same annotation, keep their last good
+//! settings and record an Event.) A pod the transform cannot inject at all (two
+//! containers with ports, say) is passed through with the reason as a warning.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use thaw_queue_proxy::inject::{
-    has_sidecar, inject_requested, injected_pod, InjectSettings, SidecarConfig,
+    has_sidecar, inject_requested, injected_pod, InjectError, InjectSettings, SidecarConfig,
 };
 use thaw_shared::annotations::opted_in;
 
@@ -311,9 +314,9 @@ pub fn inject(
             warnings.push(format!(
                 "thaw-webhook: could not read the owner's thaw.dev/* annotations ({e}); injected with the defaults"
             ));
-            SidecarConfig::for_pod(pod, ns).map_err(|e| format!("not injected: {e}"))
+            config_for_pod(pod, ns, &mut warnings)
         }
-        None => SidecarConfig::for_pod(pod, ns).map_err(|e| format!("not injected: {e}")),
+        None => config_for_pod(pod, ns, &mut warnings),
     };
     let config = match config {
         Ok(c) => c,
@@ -340,6 +343,36 @@ pub fn inject(
             let mut a = Answer::warned(Outcome::NotInjected, format!("not injected: {e}"));
             a.warnings.splice(0..0, warnings);
             a
+        }
+    }
+}
+
+/// [`SidecarConfig::for_pod`], with each bad `thaw.dev/*` annotation of the pod dropped
+/// (its default applies) and named in a warning, as for a workload's: an opted-in pod
+/// left without its sidecar could never be reached.
+fn config_for_pod(
+    pod: &Value,
+    ns: Option<&str>,
+    warnings: &mut Vec<String>,
+) -> Result<SidecarConfig, String> {
+    let mut pod = std::borrow::Cow::Borrowed(pod);
+    loop {
+        match SidecarConfig::for_pod(&pod, ns) {
+            Err(InjectError::Annotation { source, .. }) => {
+                // Each round removes one annotation, so this ends.
+                let removed = pod
+                    .to_mut()
+                    .pointer_mut("/metadata/annotations")
+                    .and_then(Value::as_object_mut)
+                    .and_then(|a| a.remove(source.name));
+                if removed.is_none() {
+                    return Err(format!("not injected: {source}"));
+                }
+                warnings.push(format!(
+                    "thaw-webhook: pod: {source}; injected with its default"
+                ));
+            }
+            other => return other.map_err(|e| format!("not injected: {e}")),
         }
     }
 }
@@ -627,17 +660,35 @@ mod tests {
     }
 
     #[test]
-    fn bad_annotations_are_named_and_a_bad_deployment_annotation_falls_back_to_its_default() {
-        let r = review(opted(json!({"thaw.dev/container-concurrency": "many"})));
+    fn a_bad_annotation_is_named_and_falls_back_to_its_default() {
+        // On the pod: the other annotations still apply.
+        let r = review(opted(json!({
+            "thaw.dev/container-concurrency": "many",
+            "thaw.dev/timeout-seconds": "soon",
+            "thaw.dev/idle-timeout-seconds": "9",
+        })));
         let a = inject(&r, None, &policy());
-        assert_eq!(
-            (a.outcome.clone(), a.patch.clone()),
-            (Outcome::NotInjected, None)
-        );
+        assert_eq!(a.outcome, Outcome::Injected);
+        assert_eq!(a.warnings.len(), 2, "{:?}", a.warnings);
         assert!(
-            a.warnings[0].contains("thaw.dev/container-concurrency"),
+            a.warnings
+                .iter()
+                .any(|w| w.contains("thaw.dev/container-concurrency")
+                    && w.ends_with("injected with its default"))
+                && a.warnings
+                    .iter()
+                    .any(|w| w.contains("thaw.dev/timeout-seconds")),
             "{:?}",
             a.warnings
+        );
+        let after = patched(&r, &a);
+        assert_eq!(env(&after, "CONTAINER_CONCURRENCY"), Some("0"));
+        assert_eq!(env(&after, "REVISION_TIMEOUT_SECONDS"), Some("300"));
+        assert_eq!(env(&after, "REVISION_IDLE_TIMEOUT_SECONDS"), Some("9"));
+        // The pod itself keeps what it was given: only the sidecar's settings fall back.
+        assert_eq!(
+            after["metadata"]["annotations"]["thaw.dev/container-concurrency"],
+            "many"
         );
         let w = Workload {
             kind: "Deployment",
