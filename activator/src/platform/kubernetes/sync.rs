@@ -122,7 +122,6 @@ fn describe_watch(error: &watcher::Error, resource: &str, scope: &str) -> String
             "forbidden: RBAC must allow watch {resource} in {scope} for this service account ({})",
             status.message
         ),
-        // 410 Gone is routine: the watcher relists at once.
         other => other.to_string(),
     }
 }
@@ -190,6 +189,9 @@ pub async fn run<K>(
             }
             Ok(Event::Apply(object)) => apply(&|index| (source.apply)(index, &object)),
             Ok(Event::Delete(object)) => apply(&|index| (source.delete)(index, &object)),
+            // 410 Gone: the watch fell behind; the watcher relists at once and the list
+            // resets the index. Routine, not a failure worth a line.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {}
             Err(error) => {
                 let message = describe_watch(&error, source.resource, &source.scope);
                 health.update(&what, |h| {
