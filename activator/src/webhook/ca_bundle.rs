@@ -81,7 +81,9 @@ pub async fn run(client: Client, name: String, mut ca: CaWatch) {
                 }
                 Some(Ok(Event::Init)) => latest = None,
                 Some(Err(e)) => {
-                    watching.report(describe_watch(&e, &name));
+                    if let Some(message) = describe_watch(&e, &name) {
+                        watching.report(message);
+                    }
                 }
                 None => return,
             },
@@ -140,19 +142,22 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn describe_watch(error: &watcher::Error, name: &str) -> String {
+/// One line for a watch failure; `None` for `410 Gone`, which is routine (the watch fell
+/// behind and the watcher relists at once).
+fn describe_watch(error: &watcher::Error, name: &str) -> Option<String> {
     let scope = format!("the cluster (resourceNames: {name})");
-    match error {
+    Some(match error {
         watcher::Error::InitialListFailed(e) => describe(e, "list", RESOURCE, &scope),
         watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
             describe(e, "watch", RESOURCE, &scope)
         }
+        watcher::Error::WatchError(status) if status.code == 410 => return None,
         watcher::Error::WatchError(status) if status.code == 403 => format!(
             "forbidden: RBAC must allow watch {RESOURCE} in {scope} for this service account ({})",
             status.message
         ),
         other => other.to_string(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -196,6 +201,21 @@ mod tests {
         );
         assert_eq!(patch_for(&config(&[Some(ca), Some(ca)]), ca), None);
         assert_eq!(patch_for(&config(&[]), ca), None);
+    }
+
+    #[test]
+    fn watch_failures_name_verb_and_resource_and_410_is_routine() {
+        let status = |code: u16| kube::core::Status::failure("nope", "Reason").with_code(code);
+        let gone = watcher::Error::WatchError(Box::new(status(410)));
+        assert_eq!(describe_watch(&gone, "c"), None);
+        let forbidden = watcher::Error::WatchError(Box::new(status(403)));
+        assert!(describe_watch(&forbidden, "c").unwrap().starts_with(
+            "forbidden: RBAC must allow watch mutatingwebhookconfigurations.admissionregistration.k8s.io in the cluster (resourceNames: c)"
+        ));
+        let list = watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status(403))));
+        assert!(describe_watch(&list, "c")
+            .unwrap()
+            .starts_with("forbidden: RBAC must allow list mutatingwebhookconfigurations"));
     }
 
     #[test]

@@ -42,7 +42,8 @@ use tokio::sync::watch;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use self::admission::Policy;
 use self::certs::{dns_names, Served};
@@ -285,7 +286,9 @@ async fn serve_https(
     // The stack: a trace span per request, then the timeout (408), then the body limit
     // (413), around the routes.
     let svc = ServiceBuilder::new()
-        .layer(TraceLayer::new_for_http())
+        // Spans and responses at debug; the only 5xx is /healthz while draining, which
+        // the kubelet asks every second and is no error.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,

@@ -100,6 +100,9 @@ where
         .unwrap_or("");
     let namespace = r.namespace.as_deref().unwrap_or("");
     match &answer.outcome {
+        Outcome::Injected if answer.warnings.is_empty() => {
+            tracing::info!(uid = %r.uid, namespace, pod, "injected the sidecar")
+        }
         Outcome::Injected => {
             tracing::info!(uid = %r.uid, namespace, pod, warnings = ?answer.warnings, "injected the sidecar")
         }
