@@ -467,6 +467,49 @@ impl Activator {
     }
 }
 
+impl Drop for Activator {
+    /// The activator's pods run in their own process groups (so a Ctrl-C at a terminal
+    /// reaches the activator alone), and the activator itself is killed with no chance to
+    /// stop them: kill every pod process it logged starting or restarting, so no process
+    /// outlives the test.
+    fn drop(&mut self) {
+        for line in self.process.logs() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let message = v["message"].as_str().unwrap_or("");
+            if message != "pod started" && !message.ends_with(" restarted") {
+                continue;
+            }
+            for key in ["app_pid", "queue_proxy_pid", "pid"] {
+                let pid = v[key].as_i64().or_else(|| {
+                    v[key].as_str().and_then(|s| {
+                        s.trim_start_matches("Some(")
+                            .trim_end_matches(')')
+                            .parse()
+                            .ok()
+                    })
+                });
+                let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
+                    continue;
+                };
+                // Only a group this pod still leads: its pid may have been reused.
+                let leads = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit(") ").next().map(str::to_owned))
+                    .and_then(|rest| rest.split(' ').nth(2).map(str::to_owned))
+                    .is_some_and(|pgrp| pgrp == pid.to_string());
+                if leads {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A pod as the local platform runs it: the test app behind a real queue-proxy.
 pub struct Pod {
     pub app: App,
