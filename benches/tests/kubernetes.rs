@@ -22,7 +22,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 use thaw_benches::harness::{http1_client, metric_value, HttpClient};
-use thaw_benches::testbed::{repo_root, Testbed};
+use thaw_benches::testbed::{repo_root, until, Testbed};
 use tokio::time::Instant;
 
 const SYSTEM: &str = "thaw-system";
@@ -32,21 +32,6 @@ const CC: u64 = 2;
 const MAX_SCALE: usize = 4;
 /// Pod start-ups and controller round trips on a busy 2-core machine.
 const WITHIN: Duration = Duration::from_secs(120);
-
-async fn until<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 fn phase(what: &str) {
     eprintln!("== {what}");

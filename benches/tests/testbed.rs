@@ -19,19 +19,13 @@ use thaw_benches::testbed::Testbed;
 /// Pod start-up and controller round trips on a busy 2-core machine.
 const WITHIN: Duration = Duration::from_secs(90);
 
-async fn until<F, Fut>(what: &str, mut check: F)
+/// Waits up to [`WITHIN`] for `check`.
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WITHIN:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    thaw_benches::testbed::until(what, WITHIN, check).await
 }
 
 async fn create<K>(client: &Client, ns: &str, value: serde_json::Value) -> K

@@ -28,19 +28,13 @@ const WITHIN: Duration = Duration::from_secs(90);
 /// Marks the cluster-scoped objects this test makes, with the namespace they serve.
 const TEST_LABEL: &str = "thaw.dev/test-webhook-namespace";
 
-async fn until<F, Fut>(what: &str, mut check: F)
+/// Waits up to [`WITHIN`] for `check`.
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WITHIN:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    thaw_benches::testbed::until(what, WITHIN, check).await
 }
 
 /// Applies one object of any kind with kubectl (server-side apply), panicking with

@@ -282,6 +282,24 @@ impl StoppedApiserver {
     }
 }
 
+/// Polls `check` until it holds, panicking with `what` after `within`. Testbed tests
+/// wait on controllers and pod start-ups, which on a busy 2-core machine take tens of
+/// seconds, so they pass generous bounds here rather than timing anything.
+pub async fn until<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The repository's root (this crate lives in `benches/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
