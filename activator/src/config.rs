@@ -16,6 +16,37 @@ pub enum PlatformKind {
     /// Plain Kubernetes, no Knative: Deployments annotated `thaw.dev/*`, their Services'
     /// EndpointSlices, and the built-in autoscaler writing their scale.
     Kubernetes,
+    /// Knative Serving's activator: Revisions, their private and public Endpoints, and
+    /// Knative's autoscaler over its stat websocket. Chosen by default when started with
+    /// the env of Knative's own `activator` Deployment.
+    Knative,
+}
+
+/// Parses the command line and the environment, then fills the defaults that depend on
+/// where the activator runs: see [`Config::resolve`].
+pub fn parse() -> Result<Config, clap::Error> {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] from given arguments (the environment is still read).
+pub fn parse_from<I, T>(args: I) -> Result<Config, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Config::command().try_get_matches_from(args)?;
+    let mut config = Config::from_arg_matches(&matches)?;
+    let given = |id: &str| {
+        matches
+            .value_source(id)
+            .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+    };
+    let platform_given = given("platform");
+    let domain_given = given("cluster_domain");
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    config.resolve(platform_given, domain_given, &resolv);
+    Ok(config)
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -118,9 +149,27 @@ pub struct Config {
     #[arg(long, env = "THAW_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
 
-    /// Cluster domain for `<revision>.<namespace>.svc.<domain>` hosts.
+    /// Cluster domain for `<revision>.<namespace>.svc.<domain>` hosts. On Kubernetes and
+    /// Knative the default is the `svc.<domain>` entry of /etc/resolv.conf's search list,
+    /// as Knative finds it, else cluster.local.
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+
+    /// Knative: the namespace Knative Serving runs in (its autoscaler and config maps).
+    #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "knative-serving")]
+    pub knative_namespace: String,
+
+    /// Knative: the config map with the log level (`loglevel.activator`), watched.
+    #[arg(long, env = "CONFIG_LOGGING_NAME", default_value = "config-logging")]
+    pub config_logging_name: String,
+
+    /// Knative: the config map with the request log switch, watched.
+    #[arg(
+        long,
+        env = "CONFIG_OBSERVABILITY_NAME",
+        default_value = "config-observability"
+    )]
+    pub config_observability_name: String,
 
     /// Requests that may wait per revision; beyond it, 503 with Retry-After.
     #[arg(long, env = "THAW_MAX_WAITING", default_value_t = 10_000)]
@@ -157,6 +206,46 @@ pub struct Config {
     pub log_format: LogFormatArg,
 }
 
+impl Config {
+    /// Fills the defaults that depend on the surroundings, given which flags were set
+    /// explicitly (flag or env) and the text of /etc/resolv.conf:
+    /// - no `--platform`, but the env of Knative's `activator` Deployment
+    ///   (`SYSTEM_NAMESPACE` and `CONFIG_LOGGING_NAME`): the Knative platform, so that
+    ///   swapping the image is all a Knative user does;
+    /// - on a cluster, no `CLUSTER_DOMAIN`: the domain from resolv.conf's search list;
+    /// - on Knative, no `--autoscaler-url`: Knative's autoscaler Service, derived as
+    ///   Knative's activator derives it.
+    pub fn resolve(&mut self, platform_given: bool, domain_given: bool, resolv_conf: &str) {
+        let knative_env = std::env::var_os("SYSTEM_NAMESPACE").is_some()
+            && std::env::var_os("CONFIG_LOGGING_NAME").is_some();
+        if !platform_given && knative_env {
+            self.platform = PlatformKind::Knative;
+        }
+        if !domain_given && self.platform != PlatformKind::Local {
+            if let Some(domain) = domain_from_resolv_conf(resolv_conf) {
+                self.cluster_domain = domain;
+            }
+        }
+        if self.platform == PlatformKind::Knative && self.autoscaler_url.is_none() {
+            self.autoscaler_url = Some(crate::reporter::ReporterSettings::autoscaler_url(
+                &self.knative_namespace,
+                &self.cluster_domain,
+            ));
+        }
+    }
+}
+
+/// The cluster domain in a resolv.conf: the first `svc.<domain>` of its `search` line
+/// (what Knative's `network.GetClusterDomainName` reads).
+pub fn domain_from_resolv_conf(text: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("search"))
+        .flat_map(str::split_whitespace)
+        .find_map(|entry| entry.strip_prefix("svc."))
+        .map(|d| d.trim_end_matches('.').to_owned())
+        .filter(|d| !d.is_empty())
+}
+
 /// `--log-format` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormatArg {
@@ -190,6 +279,33 @@ mod tests {
         assert_eq!(c.max_waiting, 10_000);
         assert_eq!(c.buffer_budget, 64 << 20);
         assert_eq!(c.drain_period, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn cluster_domain_comes_from_the_search_list() {
+        let conf = "nameserver 10.96.0.10\nsearch default.svc.corp.example svc.corp.example corp.example\noptions ndots:5\n";
+        assert_eq!(
+            domain_from_resolv_conf(conf).as_deref(),
+            Some("corp.example")
+        );
+        assert_eq!(domain_from_resolv_conf("nameserver 1.1.1.1\n"), None);
+        assert_eq!(domain_from_resolv_conf("search lan\n"), None);
+        let mut c = Config::try_parse_from(["activator", "--platform", "knative"]).unwrap();
+        c.resolve(true, false, conf);
+        assert_eq!(c.cluster_domain, "corp.example");
+        assert_eq!(
+            c.autoscaler_url.as_deref(),
+            Some("ws://autoscaler.knative-serving.svc.corp.example:8080/")
+        );
+        // An explicit CLUSTER_DOMAIN wins; the local platform never reads resolv.conf.
+        let mut c = Config::try_parse_from(["activator", "--platform", "knative"]).unwrap();
+        c.cluster_domain = "given.example".into();
+        c.resolve(true, true, conf);
+        assert_eq!(c.cluster_domain, "given.example");
+        let mut c = Config::try_parse_from(["activator", "--config", "x.yaml"]).unwrap();
+        c.resolve(true, false, conf);
+        assert_eq!(c.cluster_domain, "cluster.local");
+        assert_eq!(c.autoscaler_url, None);
     }
 
     #[test]

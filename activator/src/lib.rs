@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use crate::backends::ProbeSchedule;
 use crate::config::{Config, PlatformKind};
 use crate::metrics::Metrics;
+use crate::platform::knative::{self, KnativeError};
 use crate::platform::kubernetes::{self, KubernetesError};
 use crate::platform::local::{self, LocalConfigError, LocalPlatform, LocalSettings};
 use crate::platform::Platform;
@@ -49,6 +50,8 @@ pub enum RunError {
     LocalConfig(#[from] LocalConfigError),
     #[error("{0}")]
     Kubernetes(#[from] KubernetesError),
+    #[error("{0}")]
+    Knative(#[from] KnativeError),
     #[error("cannot listen on {what} port {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -90,6 +93,7 @@ pub async fn platform(
             Ok(Arc::new(LocalPlatform::start(file, load, settings)))
         }
         PlatformKind::Kubernetes => Ok(Arc::new(kubernetes::connect(config, load).await?)),
+        PlatformKind::Knative => Ok(Arc::new(knative::connect(config).await?)),
     }
 }
 

@@ -2,9 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use thaw_activator::config::Config;
-
 /// Exit status for a usage or configuration error (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -18,7 +15,7 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("webhook") {
         return thaw_activator::webhook::main(&args[2..]);
     }
-    let config = match Config::try_parse() {
+    let config = match thaw_activator::config::parse() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;

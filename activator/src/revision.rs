@@ -203,6 +203,15 @@ impl Registry {
                     r.throttler.fail_waiting(&reason);
                 }
             }
+            PlatformUpdate::RevisionActivators {
+                revision,
+                activators,
+            } => {
+                if let Some(r) = self.get(&revision.namespace, &revision.name) {
+                    r.throttler
+                        .update_activators(activators, self.settings.own_ip);
+                }
+            }
             PlatformUpdate::Activators(mut ips) => {
                 ips.sort_unstable();
                 for r in self.all() {

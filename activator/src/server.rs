@@ -61,15 +61,35 @@ pub struct RequestGuard {
     revision: Arc<Revision>,
     started: Instant,
     status: StatusCode,
+    /// Only while the request log is on: what its line says of the request.
+    log: Option<Box<LogInfo>>,
     _permit: Option<PodPermit>,
     _in_flight: InFlight,
 }
 
+/// The request, as its log line shows it.
+struct LogInfo {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+}
+
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.revision
-            .metrics
-            .response(self.status, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.revision.metrics.response(self.status, elapsed);
+        if let Some(info) = self.log.take() {
+            // The fields of Knative's default request-log template, as JSON fields.
+            tracing::info!(
+                revision = %self.revision.spec.id,
+                method = %info.method,
+                uri = %info.uri,
+                protocol = ?info.version,
+                status = self.status.as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
     }
 }
 
@@ -100,10 +120,18 @@ pub async fn handle(
     let in_flight = state.stats.arrive(&revision.spec.id);
     // 6. The revision's timeouts; the wait in the throttler counts.
     let timeouts = revision.spec.timeouts;
+    let log = state.platform.request_log().then(|| {
+        Box::new(LogInfo {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+        })
+    });
     let mut guard = RequestGuard {
         revision: Arc::clone(&revision),
         started,
         status: StatusCode::OK,
+        log,
         _permit: None,
         _in_flight: in_flight,
     };

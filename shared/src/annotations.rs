@@ -66,7 +66,7 @@ pub const DEFAULT_STABLE_WINDOW: Duration = Duration::from_secs(60);
 /// Knative's `scale-to-zero-grace-period`.
 pub const DEFAULT_SCALE_TO_ZERO_GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// Larger than any sane setting, small enough that arithmetic on it cannot overflow.
-const MAX_SECONDS: u64 = 365 * 24 * 3600;
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
 
 /// One annotation could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -2,8 +2,37 @@
 //! expects), or plain text for a person at a terminal. `RUST_LOG` overrides the level.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
+
+/// Changes the installed subscriber's level; set once by [`init_with`].
+type SetLevel = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+static SET_LEVEL: OnceLock<SetLevel> = OnceLock::new();
+
+/// Why the level could not be changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LevelError {
+    #[error("RUST_LOG is set, and it wins over configured levels")]
+    Overridden,
+    #[error("no subscriber installed by this module")]
+    NotInstalled,
+    #[error("invalid log level {0:?}")]
+    Invalid(String),
+    #[error("{0}")]
+    Reload(String),
+}
+
+/// Sets the level of every log line from now on (`debug`, `info`, `warn`, `error`),
+/// as a config map watcher does when it changes. `RUST_LOG`, when set, keeps winning.
+pub fn set_level(level: &str) -> Result<(), LevelError> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Err(LevelError::Overridden);
+    }
+    let filter = EnvFilter::try_new(level).map_err(|_| LevelError::Invalid(level.to_owned()))?;
+    let set = SET_LEVEL.get().ok_or(LevelError::NotInstalled)?;
+    set(filter).map_err(LevelError::Reload)
+}
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,14 +60,25 @@ pub fn init_with(default_level: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
+    // The two formats are different types; what the reload handle needs is the same.
     if text {
-        builder.with_target(false).init();
+        let builder = builder.with_target(false).with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = SET_LEVEL.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+        builder.init();
     } else {
-        builder
+        let builder = builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .init();
+            .with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = SET_LEVEL.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+        builder.init();
     }
 }

@@ -2,6 +2,7 @@
 //! path knows nothing about which platform is in use: it sees only [`PlatformUpdate`]s and
 //! calls [`Platform::need_capacity`].
 
+pub mod knative;
 pub mod kubernetes;
 pub mod local;
 pub mod memory;
@@ -29,6 +30,12 @@ pub enum PlatformUpdate {
     },
     /// The activators in the path, for subsetting pods between them.
     Activators(Vec<IpAddr>),
+    /// The activators in one revision's path (Knative lists them per revision, in its
+    /// public Endpoints); overrides [`PlatformUpdate::Activators`] for that revision.
+    RevisionActivators {
+        revision: RevisionId,
+        activators: Vec<IpAddr>,
+    },
     /// The platform could not start a pod for the revision: requests waiting for it fail
     /// now with this reason instead of waiting for their timeout.
     Unavailable {
@@ -53,6 +60,12 @@ pub trait Platform: Send + Sync + 'static {
     /// fails with it), `Ok(Some)` is a warning readiness shows while still passing.
     fn readiness(&self) -> Result<Option<String>, String> {
         Ok(None)
+    }
+
+    /// Whether to write a request log line per request (Knative's `config-observability`
+    /// switches it). Read once per request.
+    fn request_log(&self) -> bool {
+        false
     }
 
     /// The activator is stopping: release what the platform runs (the local platform

@@ -1,5 +1,6 @@
-//! Keeping the index in step with the API server: one kube-rs watcher per kind of object,
-//! feeding [`Index`](super::index::Index) calls, and what readiness says about them.
+//! Keeping an index in step with the API server: one kube-rs watcher per kind of object,
+//! feeding index calls, and what readiness says about them. Generic over the index, so
+//! the Knative platform ([`crate::platform::knative`]) watches the same way.
 //!
 //! The watcher lists, then watches; after a `410 Gone` (the watch fell too far behind) or
 //! any break it relists, and the list *resets* the index, so nothing deleted while we
@@ -21,15 +22,16 @@ use tokio::time::Instant;
 
 use super::index::{Change, Index};
 
-/// One watched kind: its name for messages and the index calls it makes.
-pub struct Source<K> {
+/// One watched kind: its name for messages and the index calls it makes, on an index `I`
+/// whose calls return `C`s (the standalone platform's by default).
+pub struct Source<K, I = Index, C = Change> {
     /// As RBAC names it, e.g. `deployments.apps`.
     pub resource: &'static str,
     /// Where: `all namespaces` or `namespace thaw-system`.
     pub scope: String,
-    pub apply: fn(&mut Index, &K) -> Vec<Change>,
-    pub delete: fn(&mut Index, &K) -> Vec<Change>,
-    pub reset: fn(&mut Index, &[K]) -> Vec<Change>,
+    pub apply: fn(&mut I, &K) -> Vec<C>,
+    pub delete: fn(&mut I, &K) -> Vec<C>,
+    pub reset: fn(&mut I, &[K]) -> Vec<C>,
     /// Drops what the index never reads, so a list of a big cluster stays small.
     pub trim: fn(&mut K),
 }
@@ -154,12 +156,12 @@ impl Backoff for Retry {
 
 /// Runs one watcher until the process stops, applying what it sees with `apply` (which
 /// takes the index lock and publishes the changes).
-pub async fn run<K>(
+pub async fn run<K, I, C>(
     api: Api<K>,
     config: watcher::Config,
-    source: Source<K>,
+    source: Source<K, I, C>,
     health: &Health,
-    mut apply: impl FnMut(&dyn Fn(&mut Index) -> Vec<Change>),
+    mut apply: impl FnMut(&dyn Fn(&mut I) -> Vec<C>),
 ) where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
