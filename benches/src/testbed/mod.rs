@@ -5,6 +5,7 @@
 pub mod dns;
 pub mod env;
 pub mod images;
+pub mod knative;
 pub mod network;
 pub mod node;
 pub mod podexec;
