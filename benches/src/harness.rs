@@ -390,7 +390,7 @@ pub struct Activator {
     pub h2c: SocketAddr,
     pub metrics: SocketAddr,
     process: Logged,
-    _config: tempfile_path::TempPath,
+    _config: Option<tempfile_path::TempPath>,
 }
 
 mod tempfile_path {
@@ -411,21 +411,31 @@ impl Activator {
         let path =
             std::env::temp_dir().join(format!("thaw-activator-{}-{n}.yaml", std::process::id()));
         std::fs::write(&path, yaml).unwrap();
+        let config = tempfile_path::TempPath(path);
+        let mut args = vec!["--config", config.0.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let mut activator = Self::start_with(&args, &[]).await;
+        activator._config = Some(config);
+        activator
+    }
+
+    /// Starts an activator with these flags and extra environment, on loopback with
+    /// ephemeral ports (no platform config file: pass `--platform`).
+    pub async fn start_with(flags: &[&str], env: &[(&str, &str)]) -> Activator {
         let mut cmd = Command::new(bin("activator"));
-        cmd.arg("--config")
-            .arg(&path)
-            .args([
-                "--listen-address",
-                "127.0.0.1",
-                "--http-port",
-                "0",
-                "--h2c-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
-            .args(flags)
-            .env_remove("RUST_LOG");
+        cmd.args([
+            "--listen-address",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--h2c-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .args(flags)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied());
         let process = Logged::spawn(&mut cmd, "activator", &["http", "h2c", "metrics"]).await;
         let found = &process.listeners;
         Activator {
@@ -433,7 +443,7 @@ impl Activator {
             h2c: found["h2c"],
             metrics: found["metrics"],
             process,
-            _config: tempfile_path::TempPath(path),
+            _config: None,
         }
     }
 

@@ -86,18 +86,22 @@ impl Inner {
         let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
         for change in f(&mut observed) {
             match change {
-                ConfigChange::LogLevel(level) => match thaw_shared::logging::set_level(level) {
-                    Ok(()) => tracing::info!(level, "log level set from the config map"),
-                    Err(e) => {
-                        tracing::info!(level, reason = %e, "log level from the config map not applied")
+                ConfigChange::LogLevel(level) => {
+                    // Said before the change and at error, so that a level hiding info
+                    // lines still shows when it took effect. (`log_level`: `level` is
+                    // the line's own.)
+                    tracing::error!(log_level = level, "log level set from the config map");
+                    if let Err(e) = thaw_shared::logging::set_level(level) {
+                        tracing::warn!(log_level = level, reason = %e, "log level from the config map not applied");
                     }
-                },
+                }
                 ConfigChange::RequestLog(on) => {
                     self.request_log.store(on, Ordering::Relaxed);
                     tracing::info!(enabled = on, "request log set from the config map");
                 }
                 ConfigChange::Invalid { config_map, error } => {
-                    tracing::warn!(config_map, %error, "cannot use the config map; keeping the previous settings");
+                    // At error, as Knative logs it, so that no level hides it.
+                    tracing::error!(config_map, %error, "cannot use the config map; keeping the previous settings");
                 }
             }
         }
