@@ -404,12 +404,10 @@ fn parse_observability(json: Option<&str>) -> Result<Observability, ConfigError>
             ))),
         }
     };
-    let template = obj
-        .get("requestLogTemplate")
-        .and_then(|v| v.as_str())
-        .is_some_and(|s| !s.is_empty());
+    // Only `enableRequestLog` switches the log on, as in Knative's queue-proxy
+    // (`pkg/queue/sharedmain/handlers.go`); a template alone does not.
     Ok(Observability {
-        request_log: flag("enableRequestLog")? || template,
+        request_log: flag("enableRequestLog")?,
         probe_request_log: flag("enableProbeRequestLog")?,
     })
 }
@@ -564,6 +562,21 @@ pub(crate) mod tests {
         assert_eq!(c.timeouts.response_start, Some(Duration::from_secs(5)));
         assert!(c.observability.request_log);
         assert_eq!(c.readiness_probes.len(), 1);
+    }
+
+    #[test]
+    fn a_request_log_template_alone_does_not_switch_the_log_on() {
+        let observability = |json: &str| {
+            Config::from_env(&with(&[(OBSERVABILITY_CONFIG, json)]))
+                .unwrap()
+                .observability
+                .request_log
+        };
+        let template = r#"{"requestLogTemplate":"{{.Request.Method}}"}"#;
+        assert!(!observability(template));
+        assert!(observability(
+            r#"{"requestLogTemplate":"{{.Request.Method}}","enableRequestLog":true}"#
+        ));
     }
 
     #[test]
