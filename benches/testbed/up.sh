@@ -148,7 +148,10 @@ kubeconfig "$state/node.kubeconfig" node
 kubeconfig "$state/scheduler.kubeconfig" scheduler
 
 # --- network: the bridge pods hang off, and the ClusterIP range made local -------------
-ip link add "$bridge" type bridge
+# A fixed MAC: a bridge without one takes the lowest of its ports' MACs, so it changed
+# whenever a pod came or went, and every pod's ARP entry for the gateway (DNS, the
+# Service proxy, the API server, replies to the node) pointed nowhere for up to a minute.
+ip link add "$bridge" address "$(printf '02:74:68:00:00:%02x' "$slot")" type bridge
 ip addr add "$gateway/24" dev "$bridge"
 ip link set "$bridge" up
 # Every ClusterIP is a local address, so the node's Service proxy can bind any of them
