@@ -22,8 +22,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, Pod};
-use kube::api::{DeleteParams, DynamicObject, PostParams};
+use k8s_openapi::api::core::v1::{Container, Event, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use thaw_benches::harness::{bin, http1_client, HttpClient};
@@ -157,6 +158,10 @@ struct Watch {
     max_in_flight: HashMap<String, u64>,
     violations: u64,
     most_ready: usize,
+    /// (ready pods, the Deployment's replicas) when last seen, printed when it changes:
+    /// the autoscaler's decisions and the pods' start-ups over time.
+    last: Option<(usize, Option<i32>)>,
+    since: Option<Instant>,
 }
 
 impl Watch {
@@ -165,6 +170,16 @@ impl Watch {
         let pods: Vec<Pod> = knative::revision_pods(client, ns, revision).await;
         let ready: Vec<&Pod> = pods.iter().filter(|p| knative::pod_ready(p)).collect();
         self.most_ready = self.most_ready.max(ready.len());
+        let want = replicas(client, ns, &format!("{revision}-deployment")).await;
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if self.last != Some((ready.len(), want)) {
+            self.last = Some((ready.len(), want));
+            eprintln!(
+                "  {:>5.1?} s: {} ready pods, replicas {want:?}",
+                since.elapsed().as_secs_f64(),
+                ready.len()
+            );
+        }
         for pod in pods {
             let Some(ip) = knative::pod_ip(&pod) else {
                 continue;
@@ -441,6 +456,7 @@ async fn end_to_end(images: Images) {
 
     phase(images, "a request through an activator wakes it");
     let http = http1_client();
+    eprintln!("[{images}] cold request sent at {}", Timestamp::now());
     let cold_at = Instant::now();
     let (status, headers, body) = call(&http, activators[0], &ns, &revision, "/hello")
         .await
@@ -456,6 +472,12 @@ async fn end_to_end(images: Images) {
     if images == Images::Thaw {
         assert!(cold_header.is_some(), "no Thaw-Cold-Start in {headers:?}");
     }
+    // Pod start-up is ~1 s here; tens of seconds meant a broken network (the testbed's
+    // bridge once changed its MAC under the pods).
+    assert!(
+        cold < Duration::from_secs(20),
+        "the cold start took {cold:?}"
+    );
 
     phase(
         images,
@@ -503,6 +525,21 @@ async fn end_to_end(images: Images) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let failed_by_delete = load.failed() - failed_before;
+    // The user container's preStop (the queue-proxy's /wait-for-drain) ran and answered.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let hook_failures: Vec<String> = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={victim}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedPreStopHook"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(
+        hook_failures.is_empty(),
+        "preStop failed: {hook_failures:?}"
+    );
     let (ok, failed) = load.finish().await;
     eprintln!(
         "[{images}] load: {ok} ok, {failed} failed ({failed_before} before the deletion, \
