@@ -142,21 +142,40 @@ render() {
 
 if [ "$delete" = 1 ]; then
   start=$(date +%s)
-  # Knative Services first, while the controller still runs the finalizers of what they own.
-  if k get crd services.serving.knative.dev >/dev/null 2>&1; then
-    k delete services.serving.knative.dev --all --all-namespaces --wait=true --timeout=120s >&2 || true
-  fi
+  # Knative's own objects first, while the controller still runs their finalizers (a
+  # Route left behind holds its CRD in Terminating until a controller comes back).
+  for kind in services configurations routes revisions domainmappings; do
+    if k get crd "$kind.serving.knative.dev" >/dev/null 2>&1; then
+      k delete "$kind.serving.knative.dev" --all --all-namespaces --cascade=foreground \
+        --wait=true --timeout=120s >/dev/null
+    fi
+  done
   render "${resources[@]}" >"$work/resources.yaml"
-  render "${objects[@]}" >"$work/objects.yaml"
+  render "${objects[@]:1}" >"$work/objects.yaml"
   render "${crds[@]}" >"$work/crds.yaml"
-  k delete --ignore-not-found --wait=true --timeout=60s -f "$work/resources.yaml" >/dev/null 2>&1 || true
-  k delete --ignore-not-found --wait=true --timeout=180s -f "$work/objects.yaml" >&2
-  k delete --ignore-not-found --wait=true --timeout=120s -f "$work/crds.yaml" >&2
+  # The custom resources while the webhook that validates their deletion still runs.
+  k delete --ignore-not-found --wait=true --timeout=60s -f "$work/resources.yaml" >/dev/null
+  k delete --ignore-not-found --wait=true --timeout=180s -f "$work/objects.yaml" >/dev/null
+  # The namespace last, once its pods are gone: with a pod still terminating, the
+  # namespace controller looks again only after that pod's grace period (the
+  # activator's is 600 s).
+  k -n "$ns" wait --for=delete pod --all --timeout=300s >/dev/null
+  k delete --ignore-not-found --wait=true --timeout=120s namespace "$ns" >/dev/null
+  k delete --ignore-not-found --wait=true --timeout=120s -f "$work/crds.yaml" >/dev/null
   say "Knative Serving removed in $(($(date +%s) - start)) s"
   exit 0
 fi
 
 start=$(date +%s)
+
+# A --delete still finishing: applying now would race it for the CRDs.
+for ((i = 0; i < 240; i++)); do
+  terminating=$(k get crd,namespace -o jsonpath='{range .items[?(@.metadata.deletionTimestamp)]}{.metadata.name}{" "}{end}' 2>/dev/null | tr ' ' '\n' | grep -E 'knative\.dev$|^knative-serving$' || true)
+  [ -z "$terminating" ] && break
+  [ "$i" = 0 ] && say "waiting for a previous removal to finish: $(echo $terminating)"
+  sleep 0.5
+done
+[ -z "$terminating" ] || fail "still being removed after 120 s: $(echo $terminating)"
 
 # --- images: Knative's commands as knative.testbed/<cmd> ------------------------------
 # Replaced atomically: the node reads the file again at every container start.
