@@ -53,6 +53,16 @@ fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
+fn worker_threads(s: &str) -> Result<usize, String> {
+    let max = thaw_shared::limits::MAX_WORKER_THREADS;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {max}, got {s:?}"
+        )),
+    }
+}
+
 /// `64MiB`, `512KiB`, `1GiB`, `1000000` (bytes).
 pub(crate) fn bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -193,8 +203,9 @@ pub struct Config {
     #[arg(long, env = "THAW_EAGER_PROBE_INTERVAL", default_value = "2ms", value_parser = duration)]
     pub eager_probe_interval: Duration,
 
-    /// Runtime threads; 1 = single-threaded. Default: the CPUs available (cgroup aware).
-    #[arg(long, env = "THAW_WORKER_THREADS")]
+    /// Runtime threads, 1 to 1024; 1 = single-threaded. Default: the CPUs available
+    /// (cgroup aware).
+    #[arg(long, env = "THAW_WORKER_THREADS", value_parser = worker_threads)]
     pub worker_threads: Option<usize>,
 
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
@@ -314,6 +325,19 @@ mod tests {
         assert!(Config::try_parse_from(["activator", "--platform", "mesos"]).is_err());
         assert!(Config::try_parse_from(["activator", "--buffer-budget", "lots"]).is_err());
         assert!(Config::try_parse_from(["activator", "--drain-period", "-1s"]).is_err());
+        assert!(Config::try_parse_from(["activator", "--drain-period", "9000h"]).is_err());
+        for threads in ["0", "100000", "18446744073709551616"] {
+            assert!(
+                Config::try_parse_from(["activator", "--worker-threads", threads]).is_err(),
+                "{threads}"
+            );
+        }
+        assert_eq!(
+            Config::try_parse_from(["activator", "--worker-threads", "2"])
+                .unwrap()
+                .worker_threads,
+            Some(2)
+        );
         assert_eq!(bytes("512KiB"), Ok(512 << 10));
         assert_eq!(bytes("7"), Ok(7));
     }

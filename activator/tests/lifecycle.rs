@@ -54,6 +54,14 @@ fn bad_flags_and_config_give_one_line_and_exit_64() {
     )
     .unwrap();
     let bad_yaml = bad_yaml.to_str().unwrap().to_owned();
+    // Values at the top of their type: refused where parsed, never a panic later.
+    let huge_yaml = dir.join("huge.yaml");
+    std::fs::write(
+        &huge_yaml,
+        "revisions:\n  - name: a\n    command: [x]\n    timeoutSeconds: 18446744073709551615\n",
+    )
+    .unwrap();
+    let huge_yaml = huge_yaml.to_str().unwrap().to_owned();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--http-port", "eighty"], "--http-port"),
         (vec!["--platform", "mesos"], "mesos"),
@@ -66,6 +74,19 @@ fn bad_flags_and_config_give_one_line_and_exit_64() {
         (
             vec!["--config", &bad_yaml],
             "revisions[1].containerConcurrency",
+        ),
+        (
+            vec!["--config", &huge_yaml],
+            "revisions[0].timeoutSeconds: expected a whole number from 0 to 31536000",
+        ),
+        (vec!["--worker-threads", "100000"], "from 1 to 1024"),
+        (
+            vec!["--drain-period", "18446744073709551615"],
+            "longer than",
+        ),
+        (
+            vec!["--max-waiting", "18446744073709551616"],
+            "--max-waiting",
         ),
     ];
     for (args, needle) in cases {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use thaw_shared::duration::parse_duration;
+use thaw_shared::limits::{MAX_CONTAINER_CONCURRENCY, MAX_SECONDS, MAX_WORKER_THREADS};
 use thaw_shared::probe::{parse_probes, ProbeSpec};
 use thaw_shared::timeout::Timeouts;
 
@@ -196,9 +197,25 @@ impl Env<'_> {
         })
     }
 
+    /// A whole number from 0 to `max`; anything else names the variable and the range.
+    fn bounded(var: &'static str, value: &str, max: u64, what: &str) -> Result<u64, ConfigError> {
+        let expected = || format!("expected {what} from 0 to {max}, got {value:?}");
+        let n: u64 = value.trim().parse().map_err(|_| ConfigError::Invalid {
+            var,
+            problem: expected(),
+        })?;
+        if n > max {
+            return Err(ConfigError::Invalid {
+                var,
+                problem: expected(),
+            });
+        }
+        Ok(n)
+    }
+
     fn seconds(&self, var: &'static str, value: Option<&str>) -> Result<u64, ConfigError> {
         value.map_or(Ok(0), |v| {
-            Self::parse(var, v, "a whole number of seconds ≥ 0")
+            Self::bounded(var, v, MAX_SECONDS, "a whole number of seconds")
         })
     }
 
@@ -245,11 +262,14 @@ impl Config {
     /// Reads the configuration from a map of variables.
     pub fn from_env(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let env = Env(vars);
-        let container_concurrency = Env::parse(
+        let container_concurrency = Env::bounded(
             CONTAINER_CONCURRENCY,
             env.required(CONTAINER_CONCURRENCY)?,
-            "a whole number ≥ 0",
+            MAX_CONTAINER_CONCURRENCY,
+            "a whole number",
         )?;
+        // Bounded above, so it fits any usize this runs on.
+        let container_concurrency = usize::try_from(container_concurrency).unwrap_or(usize::MAX);
         let serving_port = env.required_port(QUEUE_SERVING_PORT)?;
         let tls_port = env.required_port(QUEUE_SERVING_TLS_PORT)?;
         let user_port: u16 = env.required_port(USER_PORT)?;
@@ -322,15 +342,18 @@ impl Config {
         };
         let worker_threads = match env.optional(THAW_WORKER_THREADS) {
             None => None,
-            Some(v) => match Env::parse::<usize>(THAW_WORKER_THREADS, v, "a whole number ≥ 1")? {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        var: THAW_WORKER_THREADS,
-                        problem: "expected a whole number ≥ 1, got \"0\"".into(),
-                    })
+            Some(v) => {
+                let max = MAX_WORKER_THREADS as u64;
+                match Env::bounded(THAW_WORKER_THREADS, v, max, "a whole number")? {
+                    0 => {
+                        return Err(ConfigError::Invalid {
+                            var: THAW_WORKER_THREADS,
+                            problem: format!("expected a whole number from 1 to {max}, got \"0\""),
+                        })
+                    }
+                    n => Some(n as usize),
                 }
-                n => Some(n),
-            },
+            }
         };
 
         Ok(Config {
@@ -516,6 +539,13 @@ pub(crate) mod tests {
             (THAW_DRAIN_QUIET_PERIOD, "soon"),
             (THAW_LISTEN_ADDRESS, "localhost"),
             (THAW_WORKER_THREADS, "0"),
+            (THAW_WORKER_THREADS, "100000"),
+            (CONTAINER_CONCURRENCY, "18446744073709551615"),
+            (CONTAINER_CONCURRENCY, "1000001"),
+            (REVISION_TIMEOUT_SECONDS, "18446744073709551615"),
+            (REVISION_RESPONSE_START_TIMEOUT_SECONDS, "31536001"),
+            (REVISION_IDLE_TIMEOUT_SECONDS, "99999999999"),
+            (THAW_DRAIN_QUIET_PERIOD, "9000h"),
             (
                 SERVING_READINESS_PROBE,
                 "{\"tcpSocket\":{\"port\":\"http\"}}",

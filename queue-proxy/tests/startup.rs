@@ -147,6 +147,12 @@ async fn unparsable_values_are_named_and_exit_64() {
         ("USER_PORT", "99999"),
         ("QUEUE_SERVING_PORT", "http"),
         ("REVISION_TIMEOUT_SECONDS", "5m"),
+        // At the top of their type: refused at start, not a panic on the first request.
+        ("CONTAINER_CONCURRENCY", "18446744073709551615"),
+        ("REVISION_TIMEOUT_SECONDS", "18446744073709551615"),
+        ("REVISION_IDLE_TIMEOUT_SECONDS", "18446744073709551615"),
+        ("THAW_WORKER_THREADS", "100000"),
+        ("THAW_DRAIN_QUIET_PERIOD", "18446744073709551615s"),
     ] {
         let (output, elapsed) = run_to_exit(&env_with(&[(var, value)]), &[]).await;
         let message = config_error(&output, elapsed, &format!("{var}={value}"));

@@ -65,8 +65,7 @@ pub const TARGET_UTILIZATION: f64 = 0.7;
 pub const DEFAULT_STABLE_WINDOW: Duration = Duration::from_secs(60);
 /// Knative's `scale-to-zero-grace-period`.
 pub const DEFAULT_SCALE_TO_ZERO_GRACE_PERIOD: Duration = Duration::from_secs(30);
-/// Larger than any sane setting, small enough that arithmetic on it cannot overflow.
-pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+use crate::limits::MAX_SECONDS;
 
 /// One annotation could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,7 +124,7 @@ impl FunctionSettings {
             other => other.map(|(_, v)| v.to_owned()),
         };
         let cc = get(CONTAINER_CONCURRENCY)
-            .map(|(n, v)| count(n, v, 1_000_000))
+            .map(|(n, v)| count(n, v, crate::limits::MAX_CONTAINER_CONCURRENCY))
             .transpose()?
             .unwrap_or(0);
         let scale = |name| {
@@ -223,12 +222,7 @@ fn count(name: &'static str, value: &str, max: u64) -> Result<u64, AnnotationErr
 
 /// RFC 1123 label: what a Service name must be.
 fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    crate::names::is_dns1035_label(s)
 }
 
 /// A host name as `Host` carries it (no port, no scheme): dot-separated labels.
@@ -305,7 +299,11 @@ mod tests {
             (TARGET, "NaN", "between 0.01"),
             (STABLE_WINDOW, "six seconds", "expected a duration"),
             (STABLE_WINDOW, "100ms", "must be between"),
-            (SCALE_TO_ZERO_GRACE_PERIOD, "99999999h", "must be between"),
+            (
+                SCALE_TO_ZERO_GRACE_PERIOD,
+                "99999999h",
+                "longer than the most accepted, 8760h",
+            ),
             (TIMEOUT_SECONDS, "18446744073709551615", "at most"),
             (SERVICE, "Not_A_Name", "not a Service name"),
             (HOSTS, "a..b", "not a host name"),

@@ -31,15 +31,21 @@ impl Breaker {
 
     /// A breaker for `concurrency` (> 0) parallel requests with Knative's queue depth.
     pub fn new(concurrency: usize) -> Self {
-        Self::with_queue_depth(concurrency, concurrency * Self::QUEUE_DEPTH_FACTOR)
+        // Saturating: configuration bounds CC, but a breaker must never be what panics.
+        Self::with_queue_depth(
+            concurrency,
+            concurrency.saturating_mul(Self::QUEUE_DEPTH_FACTOR),
+        )
     }
 
     pub fn with_queue_depth(concurrency: usize, queue_depth: usize) -> Self {
+        // tokio's semaphore panics above MAX_PERMITS; configuration stays far below it.
+        let concurrency = concurrency.min(Semaphore::MAX_PERMITS);
         Self {
             slots: Arc::new(Semaphore::new(concurrency)),
             concurrency,
             admitted: AtomicUsize::new(0),
-            capacity: concurrency + queue_depth,
+            capacity: concurrency.saturating_add(queue_depth),
         }
     }
 

@@ -3,16 +3,22 @@
 
 use std::time::Duration;
 
-/// The text is not a duration.
+use crate::limits::{MAX_DURATION, MAX_SECONDS};
+
+/// The text is not a duration Thaw accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("expected a duration like 30s, 500ms or 2m, got {0:?}")]
-pub struct BadDuration(pub String);
+pub enum BadDuration {
+    #[error("expected a duration like 30s, 500ms or 2m, got {0:?}")]
+    Syntax(String),
+    #[error("{0:?} is longer than the most accepted, {max}h", max = MAX_SECONDS / 3600)]
+    TooLong(String),
+}
 
 /// Parses `<number><unit>` with unit `ms`, `s`, `m` or `h`; a bare number means seconds.
 /// Fractions are allowed (`1.5s`); negative values are not.
 pub fn parse_duration(text: &str) -> Result<Duration, BadDuration> {
     let t = text.trim();
-    let bad = || BadDuration(text.to_owned());
+    let bad = || BadDuration::Syntax(text.to_owned());
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -28,6 +34,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, BadDuration> {
         "h" => value * 3600.0,
         _ => return Err(bad()),
     };
+    if secs.is_finite() && secs > MAX_DURATION.as_secs_f64() {
+        return Err(BadDuration::TooLong(text.to_owned()));
+    }
     Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
@@ -44,6 +53,22 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration(" 0s "), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn rejects_what_would_overflow_a_deadline() {
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        for long in ["8761h", "18446744073709551615", "99999999999999999999999m"] {
+            assert_eq!(
+                parse_duration(long),
+                Err(BadDuration::TooLong(long.to_owned())),
+                "{long}"
+            );
+        }
+        assert!(parse_duration("8761h")
+            .unwrap_err()
+            .to_string()
+            .contains("8760h"));
     }
 
     #[test]

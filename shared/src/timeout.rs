@@ -37,7 +37,9 @@ pub struct TimedOut;
 impl Timeouts {
     /// Seconds as Knative configures them, where 0 means off.
     pub fn from_secs(total: u64, response_start: u64, idle: u64) -> Self {
-        let on = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        // Clamped, so that a deadline `now + timeout` can never overflow; parsers refuse
+        // anything larger with a message first.
+        let on = |s: u64| (s > 0).then(|| Duration::from_secs(s.min(crate::limits::MAX_SECONDS)));
         Self {
             total: on(total),
             response_start: on(response_start),

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::Endpoints;
 use kube::api::DynamicObject;
 use serde_json::Value;
-use thaw_shared::annotations::MAX_SECONDS;
+use thaw_shared::limits::{MAX_CONTAINER_CONCURRENCY, MAX_SECONDS};
 use thaw_shared::timeout::Timeouts;
 
 use crate::platform::PlatformUpdate;
@@ -148,13 +148,10 @@ pub fn revision_spec(object: &DynamicObject) -> Result<(RevisionSpec, &'static s
         None | Some(Value::Null) => 0,
         Some(v) => v
             .as_u64()
-            .filter(|n| *n <= u64::from(u32::MAX))
+            .filter(|n| *n <= MAX_CONTAINER_CONCURRENCY)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| {
-                format!(
-                    "spec.containerConcurrency must be from 0 to {}, got {v}",
-                    u32::MAX
-                )
+                format!("spec.containerConcurrency must be from 0 to {MAX_CONTAINER_CONCURRENCY}, got {v}")
             })?,
     };
     let total = seconds("timeoutSeconds")?.unwrap_or(DEFAULT_TIMEOUT_SECONDS);

@@ -1,5 +1,6 @@
 //! The local platform's YAML file. It is walked by hand rather than derived so that every
-//! error names the exact field (`revisions[1].containerConcurrency: expected a number ≥ 0`).
+//! error names the exact field (`revisions[1].containerConcurrency: expected a whole number
+//! from 0 to 1000000`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use thaw_shared::duration::parse_duration;
+use thaw_shared::limits::{MAX_CONTAINER_CONCURRENCY, MAX_SECONDS};
 use thaw_shared::timeout::Timeouts;
 
 use crate::revision::{RevisionId, RevisionSpec};
@@ -104,6 +106,17 @@ fn count(path: &str, v: &Value) -> Result<u64> {
         .ok_or_else(|| format!("{path}: expected a number ≥ 0, got {}", describe(v)))
 }
 
+/// A whole number from 0 to `max`.
+fn at_most(path: &str, v: &Value, max: u64) -> Result<u64> {
+    match v.as_u64() {
+        Some(n) if n <= max => Ok(n),
+        _ => Err(format!(
+            "{path}: expected a whole number from 0 to {max}, got {}",
+            describe(v)
+        )),
+    }
+}
+
 fn positive(path: &str, v: &Value) -> Result<f64> {
     match v.as_f64() {
         Some(f) if f > 0.0 && f.is_finite() => Ok(f),
@@ -119,8 +132,14 @@ fn duration(path: &str, v: &Value) -> Result<Duration> {
         Value::String(s) => parse_duration(s).map_err(|e| format!("{path}: {e}")),
         Value::Number(_) => v
             .as_u64()
+            .filter(|s| *s <= MAX_SECONDS)
             .map(Duration::from_secs)
-            .ok_or_else(|| format!("{path}: expected a duration like 30s, got {}", describe(v))),
+            .ok_or_else(|| {
+                format!(
+                    "{path}: expected a duration like 30s, at most {MAX_SECONDS} seconds, got {}",
+                    describe(v)
+                )
+            }),
         other => Err(format!(
             "{path}: expected a duration like 30s, got {}",
             describe(other)
@@ -210,23 +229,35 @@ fn revision(path: &str, v: &Value) -> Result<LocalRevision> {
     if name.is_empty() {
         return Err(format!("{}: must not be empty", at("name")));
     }
+    if !thaw_shared::names::is_dns1035_label(&name) {
+        return Err(format!(
+            "{}: {name:?} is not a Kubernetes name (RFC 1035 label: up to 63 of a-z, 0-9 and -, starting with a letter)",
+            at("name")
+        ));
+    }
     let namespace = field("namespace")
         .map(|v| string(&at("namespace"), v))
         .transpose()?
         .unwrap_or_else(|| "default".into());
+    if !thaw_shared::names::is_dns1123_label(&namespace) {
+        return Err(format!(
+            "{}: {namespace:?} is not a Kubernetes namespace (RFC 1123 label: up to 63 of a-z, 0-9 and -)",
+            at("namespace")
+        ));
+    }
     let hosts = field("hosts")
         .map(|v| strings(&at("hosts"), v))
         .transpose()?
         .unwrap_or_default();
     let cc = field("containerConcurrency")
-        .map(|v| count(&at("containerConcurrency"), v))
+        .map(|v| at_most(&at("containerConcurrency"), v, MAX_CONTAINER_CONCURRENCY))
         .transpose()?
         .unwrap_or(0);
     let cc =
         usize::try_from(cc).map_err(|_| format!("{}: too large", at("containerConcurrency")))?;
     let seconds = |name: &str, default: u64| {
         field(name)
-            .map(|v| count(&at(name), v))
+            .map(|v| at_most(&at(name), v, MAX_SECONDS))
             .transpose()
             .map(|v| v.unwrap_or(default))
     };
@@ -440,10 +471,18 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("revisions:\n  - name: a\n    command: x\n  - name: b\n    command: x\n    containerConcurrency: -1\n", "revisions[1].containerConcurrency: expected a number ≥ 0"),
-            ("revisions:\n  - name: a\n    command: x\n    containerConcurrency: lots\n", "revisions[0].containerConcurrency: expected a number ≥ 0, got \"lots\""),
+            ("revisions:\n  - name: a\n    command: x\n  - name: b\n    command: x\n    containerConcurrency: -1\n", "revisions[1].containerConcurrency: expected a whole number from 0 to 1000000"),
+            ("revisions:\n  - name: a\n    command: x\n    containerConcurrency: lots\n", "revisions[0].containerConcurrency: expected a whole number from 0 to 1000000, got \"lots\""),
+            ("revisions:\n  - name: a\n    command: x\n    containerConcurrency: 18446744073709551615\n", "revisions[0].containerConcurrency: expected a whole number from 0 to 1000000"),
+            ("revisions:\n  - name: a\n    command: x\n    timeoutSeconds: 18446744073709551615\n", "revisions[0].timeoutSeconds: expected a whole number from 0 to 31536000"),
+            ("revisions:\n  - name: a\n    command: x\n    idleTimeoutSeconds: 31536001\n", "revisions[0].idleTimeoutSeconds: expected a whole number from 0 to 31536000"),
+            ("revisions:\n  - name: a\n    command: x\n    stableWindow: 99999999999\n", "revisions[0].stableWindow: expected a duration like 30s, at most"),
+            ("revisions:\n  - name: a\n    command: x\n    scaleToZeroGracePeriod: 9000h\n", "revisions[0].scaleToZeroGracePeriod: \"9000h\" is longer than the most accepted"),
             ("revisions:\n  - name: a\n    command: x\n    colour: blue\n", "revisions[0].colour: unknown field"),
             ("revisions:\n  - name: a\n", "revisions[0]: missing command"),
+            ("revisions:\n  - name: Hello_World\n    command: x\n", "revisions[0].name: \"Hello_World\" is not a Kubernetes name"),
+            ("revisions:\n  - name: 1st\n    command: x\n", "revisions[0].name: \"1st\" is not a Kubernetes name"),
+            ("revisions:\n  - name: a\n    namespace: a.b\n    command: x\n", "revisions[0].namespace: \"a.b\" is not a Kubernetes namespace"),
             ("revisions:\n  - name: a\n    command: x\n    stableWindow: soon\n", "revisions[0].stableWindow: expected a duration"),
             ("revisions:\n  - name: a\n    command: x\n    target: 0\n", "revisions[0].target: expected a number > 0"),
             ("revisions:\n  - name: a\n    command: x\n    minScale: 3\n    maxScale: 2\n", "revisions[0].maxScale"),

@@ -1,0 +1,44 @@
+//! Kubernetes names, checked where config names a revision or namespace, so that every
+//! platform's names would also be valid on a cluster (and in a `Host`).
+
+/// RFC 1123 label (namespaces): 1-63 of `a-z`, `0-9`, `-`, not starting or ending in `-`.
+pub fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1035 label (Services, and so revisions): an RFC 1123 label starting with a letter.
+pub fn is_dns1035_label(s: &str) -> bool {
+    is_dns1123_label(s) && s.starts_with(|c: char| c.is_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        for good in ["a", "hello-00001", "a1", &"a".repeat(63)] {
+            assert!(is_dns1035_label(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "hello world",
+            &"a".repeat(64),
+            "é",
+        ] {
+            assert!(!is_dns1123_label(bad), "{bad}");
+        }
+        assert!(is_dns1123_label("1abc"));
+        assert!(!is_dns1035_label("1abc"));
+    }
+}
