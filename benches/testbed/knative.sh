@@ -8,8 +8,11 @@
 #   benches/testbed/knative.sh [--images thaw|knative] [--autoscaler KEY=VALUE]...
 #   benches/testbed/knative.sh --delete
 #
-# --images thaw (default): the `activator` Deployment runs thaw.local/activator and
-#     config-deployment's queue-sidecar-image is thaw.local/queue-proxy.
+# --images thaw (default): Knative is installed with its own images, then swapped to
+#     Thaw's exactly as a user swaps it, with the overlay deploy/knative/testbed
+#     (server-side apply, field manager `thaw`): the `activator` Deployment runs
+#     thaw.local/activator and config-deployment's queue-sidecar-image is
+#     thaw.local/queue-proxy.
 # --images knative: Knative's own Go activator and queue (the control group).
 # --autoscaler KEY=VALUE: a config-autoscaler setting (e.g. stable-window=6s), repeatable.
 # --delete: removes every Knative Service, then everything this script installed, so the
@@ -187,13 +190,9 @@ done
 } >"$state/images.tsv.new"
 mv "$state/images.tsv.new" "$state/images.tsv"
 
-if [ "$images" = thaw ]; then
-  activator_image=thaw.local/activator
-  queue_image=thaw.local/queue-proxy
-else
-  activator_image=knative.testbed/activator
-  queue_image=knative.testbed/queue
-fi
+# Knative's own images always; with --images thaw the overlay swaps them below.
+activator_image=knative.testbed/activator
+queue_image=knative.testbed/queue
 
 # Settings written into a config map's data (after its `data:` line): KEY=VALUE...
 # set_data NAME KEY=VALUE...: an awk program's input for the stream below.
@@ -257,12 +256,28 @@ for f in "$work"/*.yaml; do
 done
 
 # --- apply ---------------------------------------------------------------------------
-say "installing Knative Serving $version with $images images (activator $activator_image, queue $queue_image)"
+say "installing Knative Serving $version with $images images"
 k apply --server-side --force-conflicts -f "$work/crds.yaml" >/dev/null
 k wait --for=condition=Established --timeout=60s -f "$work/crds.yaml" >/dev/null
 # Config maps pass Knative's validating webhook once it runs; on a first install it is
 # not there yet (its configuration has no rules until the webhook writes them).
 k apply --server-side --force-conflicts -f "$work/objects.yaml" >/dev/null
+if [ "$images" = thaw ]; then
+  # The swap a user makes (README, "Knative: the drop-in"), so CI checks the overlay.
+  # Its own field manager: under the installer's, the partial objects would drop every
+  # field they leave out.
+  k apply --server-side --force-conflicts --field-manager=thaw -k "$repo/deploy/knative/testbed" >/dev/null
+  got=$(k -n "$ns" get deployment activator -o jsonpath='{.spec.template.spec.containers[0].image}')
+  sidecar=$(k -n "$ns" get configmap config-deployment -o jsonpath='{.data.queue-sidecar-image}')
+  case $got in
+  thaw.local/activator*) ;;
+  *) fail "deploy/knative/testbed did not swap the activator's image (got $got)" ;;
+  esac
+  case $sidecar in
+  thaw.local/queue-proxy*) ;;
+  *) fail "deploy/knative/testbed did not set queue-sidecar-image (got $sidecar)" ;;
+  esac
+fi
 
 # --- wait ----------------------------------------------------------------------------
 deployments=(controller autoscaler webhook activator)
