@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use thaw_shared::conn::Connection;
 use thaw_shared::drain::{Signal, Signals, UpgradeTracker};
 use thaw_shared::proxy::{Dial, Upstream, UpstreamSettings};
 use thaw_shared::serve::{self, Transport};
@@ -193,16 +194,17 @@ pub async fn run_with(
     let (stop_traffic, traffic_stopped) = watch::channel(false);
     let (stop_aux, aux_stopped) = watch::channel(false);
     let s = Arc::clone(&state);
-    let handler = move |ip: &http::HeaderValue, req| {
+    let handler = move |conn: &Arc<Connection>, req| {
         let s = Arc::clone(&s);
-        let ip = ip.clone();
-        async move { server::handle(&s, &ip, req).await }
+        let conn = Arc::clone(conn);
+        async move { server::handle(&s, &conn, req).await }
     };
     let traffic = [
         tokio::spawn(serve::serve(
             http,
             Transport::Plain,
             Arc::clone(&builder),
+            config.read_header_timeout,
             traffic_stopped.clone(),
             handler.clone(),
         )),
@@ -210,6 +212,7 @@ pub async fn run_with(
             h2c,
             Transport::Plain,
             Arc::clone(&builder),
+            config.read_header_timeout,
             traffic_stopped,
             handler,
         )),
@@ -219,8 +222,9 @@ pub async fn run_with(
         metrics,
         Transport::Plain,
         Arc::clone(&builder),
+        config.read_header_timeout,
         aux_stopped,
-        move |_: &http::HeaderValue, req| {
+        move |_: &Arc<Connection>, req| {
             let resp = server::metrics(&s, &req);
             async move { resp }
         },

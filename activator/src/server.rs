@@ -12,9 +12,11 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use thaw_shared::conn::Connection;
 use thaw_shared::drain::UpgradeTracker;
+use thaw_shared::framing;
 use thaw_shared::headers;
-use thaw_shared::proxy::{self, ProxyError, Upstream};
+use thaw_shared::proxy::{self, ProxyError, TunnelHold, Upstream};
 use thaw_shared::stats::InFlight;
 use tokio::time::Instant;
 
@@ -96,9 +98,13 @@ impl Drop for RequestGuard {
 /// The user-traffic stack, outermost first.
 pub async fn handle(
     state: &Arc<State>,
-    client_ip: &HeaderValue,
-    req: Request<Incoming>,
+    conn: &Arc<Connection>,
+    mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    // 0. A request whose target is ambiguous goes no further.
+    if let Err(err) = framing::check_target(&mut req) {
+        return framing::refuse(err);
+    }
     // 1. Kubelet probes ask whether this activator can take traffic at all.
     if is_kubelet_probe(&req) {
         return readiness(state);
@@ -135,7 +141,8 @@ pub async fn handle(
         _permit: None,
         _in_flight: in_flight,
     };
-    let head = throttle_and_proxy(state, &revision, client_ip, req, started);
+    let version = req.version();
+    let head = throttle_and_proxy(state, &revision, conn, req, started);
     let resp = match timeouts.before_first_byte(started, head).await {
         Ok(Ok((resp, permit, cold_wait))) => {
             let (mut parts, body) = resp.into_parts();
@@ -151,6 +158,17 @@ pub async fn handle(
             }
             guard.status = parts.status;
             guard._permit = Some(permit);
+            // An upgraded connection keeps its pod permit until it closes.
+            if let Some(hold) = TunnelHold::take(&mut parts) {
+                hold.keep(guard);
+                return Response::from_parts(parts, ResponseBody::empty());
+            }
+            // A client that stops reading must not keep the permit past the timeouts.
+            conn.limit_writes(
+                version,
+                timeouts.total.and_then(|d| started.checked_add(d)),
+                timeouts.idle,
+            );
             let body = timeouts.body(started, body);
             return Response::from_parts(parts, ResponseBody::proxied(body, guard));
         }
@@ -164,6 +182,10 @@ pub async fn handle(
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             resp
+        }
+        Ok(Err(Refused::Upstream(e))) if e.is_client_fault() => {
+            tracing::debug!(revision = %revision.spec.id, error = %e, "client sent a malformed body");
+            text(e.status(), e.to_string())
         }
         Ok(Err(Refused::Upstream(e))) => {
             tracing::warn!(revision = %revision.spec.id, error = %e, "pod unreachable");
@@ -186,12 +208,12 @@ type Proxied = (Response<Incoming>, PodPermit, Option<Duration>);
 async fn throttle_and_proxy(
     state: &State,
     revision: &Revision,
-    client_ip: &HeaderValue,
+    conn: &Arc<Connection>,
     req: Request<Incoming>,
     started: Instant,
 ) -> Result<Proxied, Refused> {
     let (mut parts, body) = req.into_parts();
-    rewrite_for_pod(&mut parts, client_ip);
+    rewrite_for_pod(&mut parts, conn.client_ip());
     let cost = body_cost(&parts, &body);
     let cold = revision.throttler.ready_pods() == 0;
     if cold {
@@ -218,7 +240,8 @@ async fn throttle_and_proxy(
     // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
     // here, once a pod is found, keeps it out of every parked request: a parked request
     // holds only its head and its place in the queue.
-    let (resp, permit) = Box::pin(proxy_with_retry(state, revision, parts, body, permit)).await?;
+    let (resp, permit) =
+        Box::pin(proxy_with_retry(state, revision, conn, parts, body, permit)).await?;
     Ok((resp, permit, cold_wait))
 }
 
@@ -227,6 +250,7 @@ async fn throttle_and_proxy(
 async fn proxy_with_retry(
     state: &State,
     revision: &Revision,
+    conn: &Arc<Connection>,
     parts: Parts,
     body: Incoming,
     mut permit: PodPermit,
@@ -243,6 +267,7 @@ async fn proxy_with_retry(
     let mut attempt = 1;
     loop {
         let addr = permit.addr();
+        proxy::relay_informational(&mut req, conn);
         let err = match state.upstream.forward_to(addr, req, &state.upgrades).await {
             Ok(resp) => return Ok((resp, permit)),
             Err(e) => e,
@@ -295,6 +320,9 @@ fn rewrite_for_pod(parts: &mut Parts, client_ip: &HeaderValue) {
     for k in knative {
         headers.remove(k);
     }
+    // Kubelet probes reach the queue-proxy directly; one arriving here came from a
+    // client, and would let it past the pod's breaker. [beyond]: Knative forwards it.
+    headers.remove(headers::K_KUBELET_PROBE);
     let upgrade = proxy::is_upgrade(parts.version, &parts.headers);
     proxy::strip_hop_by_hop(&mut parts.headers, upgrade);
     proxy::append_forwarded_for(&mut parts.headers, client_ip);
@@ -421,4 +449,40 @@ pub fn metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody>
         )
     }));
     local(StatusCode::OK, PROMETHEUS_TEXT, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_goes_to_a_pod_carries_no_routing_or_probe_headers() {
+        let req = Request::get("/")
+            .header(HOST, "hello.local")
+            .header("knative-serving-revision", "hello")
+            .header("knative-serving-namespace", "default")
+            .header("knative-serving-anything", "x")
+            .header("k-kubelet-probe", "queue")
+            .header("connection", "keep-alive")
+            .header("x-kept", "1")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        rewrite_for_pod(&mut parts, &HeaderValue::from_static("10.0.0.7"));
+        let h = &parts.headers;
+        assert_eq!(h[headers::K_ORIGINAL_HOST], "hello.local");
+        assert_eq!(h[headers::K_PROXY_REQUEST], "activator");
+        assert_eq!(h[headers::X_FORWARDED_FOR], "10.0.0.7");
+        assert_eq!(h["x-kept"], "1");
+        for gone in [
+            "host",
+            "knative-serving-revision",
+            "knative-serving-namespace",
+            "knative-serving-anything",
+            "k-kubelet-probe",
+            "connection",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
+        }
+    }
 }

@@ -27,6 +27,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::config::Config;
 use crate::metrics::{AutoscalerStats, UserMetrics};
 use crate::server::State;
+use thaw_shared::conn::Connection;
 use thaw_shared::serve::{self, Transport};
 use thaw_shared::tls::{self, certs_present, CertReloader, TlsSettings};
 
@@ -120,15 +121,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let mut traffic = Vec::new();
     let s = Arc::clone(&state);
-    let user_handler = move |ip: &http::HeaderValue, req| {
+    let user_handler = move |conn: &Arc<Connection>, req| {
         let s = Arc::clone(&s);
-        let ip = ip.clone();
-        async move { server::handle(&s, &ip, req).await }
+        let conn = Arc::clone(conn);
+        async move { server::handle(&s, &conn, req).await }
     };
     traffic.push(tokio::spawn(serve::serve(
         serving,
         Transport::Plain,
         Arc::clone(&builder),
+        config.read_header_timeout,
         traffic_stopped.clone(),
         user_handler.clone(),
     )));
@@ -138,6 +140,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             listener,
             Transport::Tls(certs),
             Arc::clone(&builder),
+            config.read_header_timeout,
             traffic_stopped,
             user_handler,
         )));
@@ -149,8 +152,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         admin,
         Transport::Plain,
         Arc::clone(&builder),
+        config.read_header_timeout,
         aux_stopped.clone(),
-        move |_: &http::HeaderValue, req| {
+        move |_: &Arc<Connection>, req| {
             let s = Arc::clone(&s);
             async move { server::admin(&s, &req).await }
         },
@@ -160,8 +164,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         metrics,
         Transport::Plain,
         Arc::clone(&builder),
+        config.read_header_timeout,
         aux_stopped.clone(),
-        move |_: &http::HeaderValue, req| {
+        move |_: &Arc<Connection>, req| {
             let resp = server::autoscaler_metrics(&s, &req);
             async move { resp }
         },
@@ -171,8 +176,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         user_metrics,
         Transport::Plain,
         Arc::clone(&builder),
+        config.read_header_timeout,
         aux_stopped,
-        move |_: &http::HeaderValue, req| {
+        move |_: &Arc<Connection>, req| {
             let resp = server::user_metrics(&s, &req);
             async move { resp }
         },

@@ -8,10 +8,12 @@ use http::header::{ACCEPT, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use thaw_shared::breaker::Breaker;
+use thaw_shared::conn::Connection;
 use thaw_shared::drain::{Drainer, UpgradeTracker};
+use thaw_shared::framing;
 use thaw_shared::headers;
 use thaw_shared::probe::Prober;
-use thaw_shared::proxy::{self, ProxyError, Upstream};
+use thaw_shared::proxy::{self, ProxyError, TunnelHold, Upstream};
 use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
 use tokio::time::Instant;
@@ -38,9 +40,13 @@ pub struct State {
 /// The user-traffic stack, outermost first.
 pub async fn handle(
     state: &Arc<State>,
-    client_ip: &HeaderValue,
+    conn: &Arc<Connection>,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    // 0. A request whose target is ambiguous goes no further.
+    if let Err(err) = framing::check_target(&mut req) {
+        return framing::refuse(err);
+    }
     // 1. Health checks from the kubelet, activator and autoscaler never reach the app.
     if req
         .headers()
@@ -57,6 +63,7 @@ pub async fn handle(
     state.drainer.touch();
     // 4. Timeouts start now, so the wait in the breaker counts.
     let started = Instant::now();
+    let version = req.version();
     // 5. Apps that only read `Forwarded` still see where the request came from.
     proxy::forwarded_shim(req.headers_mut());
     // 6. Count the arrival before the breaker so the autoscaler sees queued demand too;
@@ -99,7 +106,8 @@ pub async fn handle(
         }
         req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
         req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
-        proxy::prepare_request(&mut req, Some(client_ip));
+        proxy::prepare_request(&mut req, Some(conn.client_ip()));
+        proxy::relay_informational(&mut req, conn);
         state
             .upstream
             .forward(req, &state.upgrades)
@@ -109,16 +117,32 @@ pub async fn handle(
     let result = state.timeouts.before_first_byte(started, head).await;
     let resp = match result {
         Ok(Ok(resp)) => {
-            let (parts, body) = resp.into_parts();
-            let body = state.timeouts.body(started, body);
+            let (mut parts, body) = resp.into_parts();
             if let Some(record) = guard.record.as_mut() {
                 record.status(parts.status);
             }
+            // An upgraded connection keeps its slot until it closes (CONTRACT §1.4).
+            if let Some(hold) = TunnelHold::take(&mut parts) {
+                hold.keep(guard);
+                return Response::from_parts(parts, ResponseBody::empty());
+            }
+            // A client that stops reading must not keep the slot past the timeouts.
+            let timeouts = &state.timeouts;
+            conn.limit_writes(
+                version,
+                timeouts.total.and_then(|d| started.checked_add(d)),
+                timeouts.idle,
+            );
+            let body = timeouts.body(started, body);
             return Response::from_parts(parts, ResponseBody::proxied(body, guard));
         }
         Ok(Err(Refused::Full(full))) => {
             state.metrics.breaker_rejected();
             text(StatusCode::SERVICE_UNAVAILABLE, static_reason(&full))
+        }
+        Ok(Err(Refused::Upstream(err))) if err.is_client_fault() => {
+            tracing::debug!(error = %err, "client sent a malformed body");
+            text(err.status(), err.to_string())
         }
         Ok(Err(Refused::Upstream(err))) => {
             state.metrics.upstream_error();

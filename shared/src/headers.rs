@@ -55,14 +55,15 @@ pub fn is_health_check_user_agent(ua: &[u8]) -> bool {
 }
 
 /// Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1, plus legacy ones).
-pub const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Trailer` is not one: it announces the trailer fields end to end, and hyper sends an
+/// HTTP/1.1 trailer only when the response's `Trailer` names it.
+pub const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
     http::header::PROXY_AUTHENTICATE,
     http::header::PROXY_AUTHORIZATION,
     http::header::TE,
-    http::header::TRAILER,
     http::header::TRANSFER_ENCODING,
 ];
 

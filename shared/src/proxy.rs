@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,8 +22,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::conn::Connection;
 use crate::drain::UpgradeTracker;
 use crate::headers;
+use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -82,6 +85,10 @@ pub enum ProxyError {
     /// The upstream broke the exchange after the request was (or may have been) sent.
     #[error("error proxying to {addr}: {reason}")]
     Upstream { addr: SocketAddr, reason: String },
+    /// The client's own request body broke (a malformed chunk, or the client went away
+    /// mid-body): the client's fault, not the upstream's.
+    #[error("malformed request body: {reason}")]
+    ClientBody { reason: String },
 }
 
 impl ProxyError {
@@ -89,6 +96,43 @@ impl ProxyError {
     pub fn is_connect(&self) -> bool {
         matches!(self, ProxyError::Connect { .. })
     }
+
+    /// True when the client, not the upstream, broke the exchange: answered `400`, and
+    /// never counted against the upstream.
+    pub fn is_client_fault(&self) -> bool {
+        matches!(self, ProxyError::ClientBody { .. })
+    }
+
+    /// The status a client is answered with.
+    pub fn status(&self) -> StatusCode {
+        if self.is_client_fault() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::BAD_GATEWAY
+        }
+    }
+}
+
+/// True when `err` is the client's request body failing while it was sent: hyper's
+/// client reports a failing outgoing body as a "user body" error, and that body is the
+/// server's incoming one, whose own hyper error sits beneath.
+fn is_request_body_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(hyper_err) = e.downcast_ref::<hyper::Error>() {
+            if hyper_err.is_user() {
+                let mut below = e.source();
+                while let Some(b) = below {
+                    if b.downcast_ref::<hyper::Error>().is_some() {
+                        return true;
+                    }
+                    below = b.source();
+                }
+            }
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// Renders an error and its sources, since hyper's top-level messages ("client error
@@ -139,7 +183,12 @@ where
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(settings.max_idle);
+            .pool_max_idle_per_host(settings.max_idle)
+            // The app's response heads are held to the size a request head may have, not
+            // to hyper's 100 lines (Go's proxy passes a response of 151 headers).
+            .http1_max_buf_size(MAX_HEADER_BYTES)
+            .http1_max_headers(MAX_HEADERS)
+            .http2_max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
         let http1 = builder.build(connector);
         let http2 = builder
             .http2_only(true)
@@ -207,16 +256,32 @@ where
             let reason = error_chain(&e);
             if e.is_connect() {
                 ProxyError::Connect { addr, reason }
+            } else if is_request_body_error(&e) {
+                ProxyError::ClientBody { reason }
             } else {
                 ProxyError::Upstream { addr, reason }
             }
         })?;
+        // hyper bounds the head only by its read buffer, which can grow past the limit
+        // within one read: hold the app to the size a request head may have.
+        if head_size(resp.headers()) > MAX_HEADER_BYTES {
+            return Err(ProxyError::Upstream {
+                addr,
+                reason: format!("response headers exceed {MAX_HEADER_BYTES} bytes"),
+            });
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let tracked = upgrades.track();
+                let (hold, held) = tokio::sync::oneshot::channel();
+                resp.extensions_mut()
+                    .insert(TunnelHold(Arc::new(Mutex::new(Some(hold)))));
                 tokio::spawn(async move {
                     let _tracked = tracked;
+                    // Whatever the caller holds for the request (its breaker slot, its
+                    // pod permit) lives as long as the tunnel, as in Knative.
+                    let _held = held;
                     let (Ok(client), Ok(upstream)) =
                         futures_util::future::join(client_upgrade, upstream_upgrade).await
                     else {
@@ -233,6 +298,50 @@ where
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
     }
+}
+
+/// The size of a head's header lines as they were sent: `name: value\r\n`.
+fn head_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// On a `101` response: a place for what the request holds, kept until the spliced
+/// connection closes. An upgraded connection is one request for the whole of its life, so
+/// it keeps its breaker slot, its pod permit and its place in the concurrency count.
+#[derive(Clone)]
+pub struct TunnelHold(Arc<Mutex<Option<HoldSender>>>);
+
+/// Where the held value goes: the tunnel task keeps the receiving end until it ends.
+type HoldSender = tokio::sync::oneshot::Sender<Box<dyn Send>>;
+
+impl TunnelHold {
+    /// Takes the hold out of an upgraded response, if it is one.
+    pub fn take(parts: &mut http::response::Parts) -> Option<TunnelHold> {
+        parts.extensions.remove::<TunnelHold>()
+    }
+
+    /// Keeps `value` until the tunnel ends (at once, if it already has).
+    pub fn keep(self, value: impl Send + 'static) {
+        let sender = self.0.lock().ok().and_then(|mut s| s.take());
+        if let Some(sender) = sender {
+            let _ = sender.send(Box::new(value));
+        }
+    }
+}
+
+/// Sends the upstream's `1xx` heads (103 Early Hints) on to the client of `conn` before
+/// the final response, as Go's ReverseProxy does. hyper reports them for HTTP/1 only.
+pub fn relay_informational<B>(req: &mut Request<B>, conn: &Arc<Connection>) {
+    if req.version() != Version::HTTP_11 || !conn.relays_informational() {
+        return;
+    }
+    let conn = Arc::clone(conn);
+    hyper::ext::on_informational(req, move |res| {
+        conn.informational(Version::HTTP_11, res.status(), res.headers());
+    });
 }
 
 fn authority_of(addr: SocketAddr) -> Authority {
@@ -298,6 +407,7 @@ fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
 /// Removes hop-by-hop headers, including any named by `Connection`. With `keep_upgrade`,
 /// `Connection: upgrade` and `Upgrade` survive so a websocket handshake can pass through.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    strip_framing(headers);
     if headers.contains_key(CONNECTION) {
         // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
         let listed: Vec<http::HeaderName> = headers
@@ -330,6 +440,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(UPGRADE);
+    }
+}
+
+/// Removes the framing headers of a message whose body is re-framed on the next hop.
+/// `Transfer-Encoding` goes with the hop-by-hop headers; a `Content-Length` sent beside
+/// it is stale (RFC 9112 §6.3: Transfer-Encoding overrides it, and the body arrives
+/// decoded), so it goes too, or the next hop would cut the body at the wrong length.
+fn strip_framing(headers: &mut HeaderMap) {
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        headers.remove(http::header::CONTENT_LENGTH);
     }
 }
 
@@ -433,6 +553,23 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn a_stale_content_length_goes_with_transfer_encoding() {
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        h.insert("trailer", HeaderValue::from_static("x-checksum"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("content-length"), "{h:?}");
+        assert!(!h.contains_key("transfer-encoding"), "{h:?}");
+        // `Trailer` is end to end: without it hyper drops every trailer it is sent.
+        assert_eq!(h.get("trailer").unwrap(), "x-checksum");
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get("content-length").unwrap(), "5");
     }
 
     #[test]

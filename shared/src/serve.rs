@@ -16,10 +16,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::conn::{ConnIo, Connection};
 use crate::tls::CertReloader;
 
-/// Largest request head accepted; beyond it the client gets `431`.
+/// Largest request head accepted; beyond it the client gets `431`. Responses from the
+/// app are held to the same size.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Header lines allowed in one head, so that [`MAX_HEADER_BYTES`] is the limit anyone
+/// meets: 2048 lines averaging 32 bytes fill it. hyper's default of 100 lines refuses
+/// ordinary requests of 2 KiB. The count cannot simply be `MAX_HEADER_BYTES / 4`: hyper
+/// allocates 64 bytes per allowed line for every head it parses, which costs ~40 ns up to
+/// this value and ~10 µs past it, once the allocation leaves the allocator's fast path.
+pub const MAX_HEADERS: usize = 2048;
 
 /// The HTTP/1.1 + h2c server settings shared by every listener.
 pub fn http_builder(read_header_timeout: Duration) -> auto::Builder<TokioExecutor> {
@@ -28,7 +37,8 @@ pub fn http_builder(read_header_timeout: Duration) -> auto::Builder<TokioExecuto
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(read_header_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -43,21 +53,23 @@ pub enum Transport {
 }
 
 /// Accepts connections until `stop` turns true, then lets open connections finish
-/// their in-flight requests before returning. `handler` gets the client's address as
-/// `X-Forwarded-For` wants it, rendered once per connection.
+/// their in-flight requests before returning. `handler` gets the request's
+/// [`Connection`]: the client's address, and the limits on how it is written.
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     transport: Transport,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    read_header_timeout: Duration,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(&HeaderValue, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(&Arc<Connection>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -65,25 +77,28 @@ pub async fn serve<F, Fut, B>(
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                backoff.reset();
+                conn
+            }
             Err(e) => {
-                // Running out of file descriptors must not end the server: back off briefly.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                backoff.wait(&e).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
+        let plain = matches!(transport, Transport::Plain);
+        let (io, conn) = ConnIo::new(stream, client_ip_header(peer), read_header_timeout, plain);
         let handler = handler.clone();
-        let client_ip = client_ip_header(peer);
         let service = hyper::service::service_fn(move |req| {
-            let fut = handler(&client_ip, req);
+            conn.request_started();
+            let fut = handler(&conn, req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
         match &transport {
             Transport::Plain => {
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
                     .into_owned();
                 tokio::spawn(graceful.watch(conn));
             }
@@ -92,7 +107,7 @@ pub async fn serve<F, Fut, B>(
                 let builder = Arc::clone(&builder);
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let tls = match acceptor.accept(stream).await {
+                    let tls = match acceptor.accept(io).await {
                         Ok(tls) => tls,
                         Err(e) => {
                             tracing::debug!(error = %e, %peer, "TLS handshake failed");
@@ -109,6 +124,38 @@ pub async fn serve<F, Fut, B>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The pause after a failed `accept`, as Go's server makes it: 5 ms, doubling to 1 s
+/// while failures go on. Out of file descriptors, accepting again at once would spin;
+/// a long pause would lock clients out after the pressure is gone. Logged once per run
+/// of failures, not once per failure.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    delay: Option<Duration>,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    async fn wait(&mut self, err: &std::io::Error) {
+        let delay = match self.delay {
+            None => {
+                tracing::warn!(error = %err, "accept failed; retrying with backoff");
+                Self::FIRST
+            }
+            Some(d) => (d * 2).min(Self::MAX),
+        };
+        self.delay = Some(delay);
+        tokio::time::sleep(delay).await;
+    }
+
+    fn reset(&mut self) {
+        if self.delay.take().is_some() {
+            tracing::info!("accepting connections again");
+        }
+    }
 }
 
 /// The client address as `X-Forwarded-For` wants it.

@@ -1,0 +1,427 @@
+//! One accepted connection: the IO hyper reads and writes, and what a handler knows of it.
+//!
+//! hyper leaves three things to the IO it is given, and a proxy needs all three:
+//! - **A connection that sends nothing is never closed.** hyper-util's HTTP/1-or-2
+//!   detection waits for the first bytes before hyper's own header timer starts, so a
+//!   silent connection holds its file descriptor forever. [`ConnIo`] closes a connection
+//!   on which no request has arrived within the read-header timeout.
+//! - **A client that stops reading holds its response forever.** hyper stops polling a
+//!   response body while its write is blocked, so the body's timeouts never fire and the
+//!   request keeps its breaker slot or pod permit. [`ConnIo`] fails the blocked write once
+//!   the current response's total deadline passes, or once nothing could be written for
+//!   its idle timeout; hyper then drops the connection and, with it, the response's guard.
+//! - **hyper's server cannot send a `1xx`.** [`Connection::informational`] writes one
+//!   straight onto the socket, ahead of the final head, as Go's ReverseProxy forwards them.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode, Version};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// What a handler knows of the connection its request came on.
+#[derive(Debug)]
+pub struct Connection {
+    client_ip: HeaderValue,
+    /// Set by the first request; until then [`ConnIo`] enforces the read-header timeout.
+    request_seen: AtomicBool,
+    /// For HTTP/1 only: one response at a time, so one set of limits at a time.
+    limits: Mutex<WriteLimits>,
+    /// The socket, for `1xx` heads; `None` under TLS, where raw bytes cannot go.
+    raw: Option<Arc<TcpStream>>,
+    /// `1xx` bytes the socket did not take at once; written before anything of hyper's.
+    pending: Mutex<Vec<u8>>,
+    has_pending: AtomicBool,
+}
+
+/// How long the response being written may stall on a client that does not read.
+#[derive(Debug, Clone, Copy, Default)]
+struct WriteLimits {
+    total: Option<Instant>,
+    idle: Option<Duration>,
+}
+
+/// Why [`ConnIo`] ended a connection.
+const NO_REQUEST: &str = "no request within the read-header timeout";
+const STALLED: &str = "the client stopped reading the response";
+
+impl Connection {
+    /// A connection with no socket of its own (tests, and listeners built elsewhere).
+    pub fn detached(client_ip: HeaderValue) -> Self {
+        Self::new(client_ip, None)
+    }
+
+    fn new(client_ip: HeaderValue, raw: Option<Arc<TcpStream>>) -> Self {
+        Self {
+            client_ip,
+            request_seen: AtomicBool::new(false),
+            limits: Mutex::new(WriteLimits::default()),
+            raw,
+            pending: Mutex::new(Vec::new()),
+            has_pending: AtomicBool::new(false),
+        }
+    }
+
+    /// The client's address as `X-Forwarded-For` wants it.
+    pub fn client_ip(&self) -> &HeaderValue {
+        &self.client_ip
+    }
+
+    /// Marks that a request arrived, which ends the wait for a first request.
+    pub fn request_started(&self) {
+        if !self.request_seen.load(Ordering::Relaxed) {
+            self.request_seen.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets how long the response about to be written may be blocked by a client that
+    /// does not read: until `total` at the latest, and never `idle` without progress.
+    /// HTTP/2 multiplexes responses over one connection, so only HTTP/1 sets them.
+    pub fn limit_writes(&self, version: Version, total: Option<Instant>, idle: Option<Duration>) {
+        if version == Version::HTTP_2 {
+            return;
+        }
+        if let Ok(mut limits) = self.limits.lock() {
+            *limits = WriteLimits { total, idle };
+        }
+    }
+
+    fn write_limits(&self) -> WriteLimits {
+        self.limits.lock().map(|l| *l).unwrap_or_default()
+    }
+
+    /// True when `1xx` heads can be written to this client (a plain TCP connection).
+    pub fn relays_informational(&self) -> bool {
+        self.raw.is_some()
+    }
+
+    /// Forwards a `1xx` head from the upstream to an HTTP/1.1 client, before the final
+    /// response. `100 Continue` is hyper's to send (it does when the body is read) and
+    /// `101` is the upgrade's; HTTP/1.0 clients get none (RFC 9110 §15.2).
+    pub fn informational(&self, version: Version, status: StatusCode, headers: &http::HeaderMap) {
+        if version != Version::HTTP_11
+            || !status.is_informational()
+            || status == StatusCode::CONTINUE
+            || status == StatusCode::SWITCHING_PROTOCOLS
+        {
+            return;
+        }
+        let Some(raw) = &self.raw else {
+            return;
+        };
+        let mut head = Vec::with_capacity(64 + headers.len() * 32);
+        head.extend_from_slice(b"HTTP/1.1 ");
+        head.extend_from_slice(status.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        head.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        // Behind bytes already waiting, or whatever the socket does not take now: the
+        // rest goes out ahead of hyper's next write.
+        let written = if pending.is_empty() {
+            raw.try_write(&head).unwrap_or(0)
+        } else {
+            0
+        };
+        if written < head.len() {
+            pending.extend_from_slice(&head[written..]);
+            self.has_pending.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A TCP connection as hyper drives it, with the limits described in the module docs.
+pub struct ConnIo {
+    stream: Arc<TcpStream>,
+    conn: Arc<Connection>,
+    /// Until the first request: when the connection is closed for sending none.
+    first_request: Option<Pin<Box<Sleep>>>,
+    /// Armed while a write is blocked.
+    stall: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
+}
+
+impl ConnIo {
+    /// Wraps an accepted stream. `raw_informational` lets handlers write `1xx` heads
+    /// onto it, which only a plain (not TLS) connection allows.
+    pub fn new(
+        stream: TcpStream,
+        client_ip: HeaderValue,
+        read_header_timeout: Duration,
+        raw_informational: bool,
+    ) -> (Self, Arc<Connection>) {
+        let stream = Arc::new(stream);
+        let raw = raw_informational.then(|| Arc::clone(&stream));
+        let conn = Arc::new(Connection::new(client_ip, raw));
+        let first_request = Some(Box::pin(tokio::time::sleep(read_header_timeout)));
+        let io = Self {
+            stream,
+            conn: Arc::clone(&conn),
+            first_request,
+            stall: None,
+            stalled: false,
+        };
+        (io, conn)
+    }
+
+    /// Fails once the connection has gone the read-header timeout without a request.
+    fn poll_first_request(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(deadline) = self.first_request.as_mut() else {
+            return Ok(());
+        };
+        if self.conn.request_seen.load(Ordering::Relaxed) {
+            self.first_request = None;
+            return Ok(());
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, NO_REQUEST));
+        }
+        Ok(())
+    }
+
+    /// A write is blocked: fails once the response's limits are past, else stays pending.
+    fn poll_stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let now = Instant::now();
+        if !self.stalled {
+            self.stalled = true;
+            let limits = self.conn.write_limits();
+            let deadline = match (limits.total, limits.idle.map(|d| now + d)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let Some(deadline) = deadline else {
+                self.stall = None;
+                return Poll::Pending;
+            };
+            match self.stall.as_mut() {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let fired = self
+            .stall
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+        if fired {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, STALLED)));
+        }
+        Poll::Pending
+    }
+
+    /// Writes `1xx` bytes a handler queued; ready once none are left.
+    fn poll_pending_informational(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.conn.has_pending.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        let Ok(mut pending) = self.conn.pending.lock() else {
+            return Poll::Ready(Ok(()));
+        };
+        while !pending.is_empty() {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(&pending) {
+                Ok(n) => {
+                    pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.conn.has_pending.store(false, Ordering::Release);
+        Poll::Ready(Ok(()))
+    }
+
+    /// One write attempt through `op`, with the stall limits applied when it blocks.
+    fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl Fn(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        if self.poll_pending_informational(cx).is_pending() {
+            return self.poll_stalled(cx);
+        }
+        loop {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return self.poll_stalled(cx),
+            }
+            match op(&self.stream) {
+                Ok(n) => {
+                    self.stalled = false;
+                    return Poll::Ready(Ok(n));
+                }
+                // Readiness was stale; `try_write` cleared it, so poll again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.poll_first_request(cx)?;
+        loop {
+            ready!(this.stream.poll_read_ready(cx))?;
+            // `try_read_buf` fills the unfilled part without zeroing it first.
+            match this.stream.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_with(cx, |s| s.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .poll_write_with(cx, |s| s.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TCP has no buffer of its own to flush; queued `1xx` bytes are the only ones.
+        let this = self.get_mut();
+        match this.poll_pending_informational(cx) {
+            Poll::Pending => this.poll_stalled(cx),
+            ready => ready,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A FIN now, though handlers may still hold the socket for `1xx` writes.
+        let sock = socket2::SockRef::from(&*self.stream);
+        match sock.shutdown(std::net::Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair(read_header_timeout: Duration) -> (ConnIo, Arc<Connection>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let ip = HeaderValue::from_static("127.0.0.1");
+        let (io, conn) = ConnIo::new(server, ip, read_header_timeout, true);
+        (io, conn, client)
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_fails_after_the_read_header_timeout() {
+        let (mut io, _conn, _client) = pair(Duration::from_millis(50)).await;
+        let mut buf = [0u8; 16];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(err.to_string(), NO_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn after_a_request_the_connection_may_go_quiet() {
+        let (mut io, conn, mut client) = pair(Duration::from_millis(50)).await;
+        client.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 3);
+        conn.request_started();
+        let quiet = tokio::time::timeout(Duration::from_millis(300), io.read(&mut buf)).await;
+        assert!(quiet.is_err(), "the read must still be waiting: {quiet:?}");
+    }
+
+    #[tokio::test]
+    async fn a_blocked_write_fails_at_the_idle_limit() {
+        let (mut io, conn, _client) = pair(Duration::from_secs(60)).await;
+        conn.request_started();
+        conn.limit_writes(Version::HTTP_11, None, Some(Duration::from_millis(200)));
+        // The client never reads: the socket buffers fill, then the write blocks.
+        let chunk = vec![0u8; 64 * 1024];
+        let started = Instant::now();
+        let err = loop {
+            if let Err(e) = io.write(&chunk).await {
+                break e;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "never blocked");
+        };
+        assert_eq!(err.to_string(), STALLED);
+    }
+
+    #[tokio::test]
+    async fn without_limits_a_blocked_write_waits() {
+        let (mut io, conn, _client) = pair(Duration::from_secs(60)).await;
+        conn.request_started();
+        let chunk = vec![0u8; 64 * 1024];
+        let blocked = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                io.write_all(&chunk).await.unwrap();
+            }
+        })
+        .await;
+        assert!(blocked.is_err());
+    }
+
+    #[tokio::test]
+    async fn informational_heads_go_out_before_the_next_write() {
+        let (mut io, conn, mut client) = pair(Duration::from_secs(60)).await;
+        let mut headers = http::HeaderMap::new();
+        headers.insert("link", HeaderValue::from_static("</a.css>; rel=preload"));
+        conn.informational(Version::HTTP_11, StatusCode::EARLY_HINTS, &headers);
+        // Not to HTTP/1.0 clients, and never 100 or 101.
+        conn.informational(Version::HTTP_10, StatusCode::EARLY_HINTS, &headers);
+        conn.informational(Version::HTTP_11, StatusCode::CONTINUE, &headers);
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        io.shutdown().await.unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert_eq!(
+            got,
+            "HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+}

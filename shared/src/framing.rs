@@ -1,0 +1,164 @@
+//! Where a request says it is going, checked before anything else reads it.
+//!
+//! hyper parses the message, but leaves the `Host` rules of RFC 9110 §7.2, RFC 9112 §3.2
+//! and RFC 9113 §8.3.1 to the application. A proxy that skips them forwards requests whose
+//! target is ambiguous: two `Host` headers that an app and a cache may read differently, or
+//! an absolute-form target naming one host and a `Host` header naming another. Go's
+//! net/http (and so Knative's Go proxies) refuses those with `400`; so does Thaw, with Go's
+//! texts.
+
+use http::header::{CONNECTION, HOST};
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+
+use crate::body::{text, ResponseBody};
+
+/// Why a request's target is refused. Each is answered with `400` and this text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    #[error("too many Host headers")]
+    DuplicateHost,
+    #[error("missing required Host header")]
+    MissingHost,
+    #[error("malformed Host header")]
+    MalformedHost,
+    #[error("Host header does not match :authority")]
+    AuthorityMismatch,
+}
+
+/// Checks the request's `Host` and, for an absolute-form target, makes `Host` name the
+/// target's authority, as RFC 9112 §3.2.2 says a server must. Only headers change: where
+/// a request is sent stays the proxy's choice.
+pub fn check_target<B>(req: &mut Request<B>) -> Result<(), FramingError> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(FramingError::DuplicateHost);
+    }
+    match (host, req.version()) {
+        (Some(host), _) if !valid_host(host) => return Err(FramingError::MalformedHost),
+        // RFC 9112 §3.2: a server must refuse an HTTP/1.1 request without `Host`.
+        (None, Version::HTTP_11) => return Err(FramingError::MissingHost),
+        _ => {}
+    }
+    let authority = req.uri().authority();
+    if req.version() == Version::HTTP_2 {
+        // RFC 9113 §8.3.1: `:authority` wins, and a `Host` naming another host is malformed.
+        if let (Some(host), Some(authority)) = (host, authority) {
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            {
+                return Err(FramingError::AuthorityMismatch);
+            }
+        }
+        return Ok(());
+    }
+    if req.uri().scheme().is_some() {
+        // Absolute form (`GET http://a.example/ HTTP/1.1`): the target's authority is the
+        // host, whatever `Host` says.
+        if let Some(value) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(HOST, value);
+        }
+    }
+    Ok(())
+}
+
+/// A `Host` is empty (allowed when the target has no authority) or a bare `host[:port]`:
+/// no user info, a numeric port, nothing an authority parser would not accept.
+fn valid_host(host: &HeaderValue) -> bool {
+    let bytes = host.as_bytes();
+    if bytes.is_empty() {
+        return true;
+    }
+    if bytes.contains(&b'@') {
+        return false;
+    }
+    let Ok(authority) = Authority::try_from(bytes) else {
+        return false;
+    };
+    // The parser accepts any text after the last `:`; only a port number is a port.
+    authority.as_str().len() == authority.host().len() || authority.port_u16().is_some()
+}
+
+/// The `400` for a refused target. The connection closes after it: once a client has sent
+/// an ambiguous request, what follows on that connection cannot be trusted either.
+pub fn refuse<G>(err: FramingError) -> Response<ResponseBody<G>> {
+    let mut resp = text(StatusCode::BAD_REQUEST, err.to_string());
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::builder().version(version).uri(uri);
+        for h in hosts {
+            b = b.header(HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn one_valid_host_passes() {
+        for host in ["a.example", "a.example:8080", "10.0.0.1:80", "[::1]:80", ""] {
+            let mut r = req(Version::HTTP_11, "/", &[host]);
+            assert_eq!(check_target(&mut r), Ok(()), "{host}");
+            assert_eq!(r.headers()[HOST], host);
+        }
+    }
+
+    #[test]
+    fn duplicate_missing_and_malformed_hosts_are_refused() {
+        let mut r = req(Version::HTTP_11, "/", &["a", "b"]);
+        assert_eq!(check_target(&mut r), Err(FramingError::DuplicateHost));
+        let mut r = req(Version::HTTP_11, "/", &["a", "a"]);
+        assert_eq!(check_target(&mut r), Err(FramingError::DuplicateHost));
+        let mut r = req(Version::HTTP_11, "/", &[]);
+        assert_eq!(check_target(&mut r), Err(FramingError::MissingHost));
+        for bad in ["user@a.example", "a b", "a/b", "a.example:port", "a?b"] {
+            let mut r = req(Version::HTTP_11, "/", &[bad]);
+            assert_eq!(
+                check_target(&mut r),
+                Err(FramingError::MalformedHost),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_1_0_may_omit_host() {
+        let mut r = req(Version::HTTP_10, "/", &[]);
+        assert_eq!(check_target(&mut r), Ok(()));
+        assert!(r.headers().get(HOST).is_none());
+    }
+
+    #[test]
+    fn absolute_form_replaces_host_with_the_target_authority() {
+        let mut r = req(Version::HTTP_11, "http://b.example:81/p?q", &["a.example"]);
+        assert_eq!(check_target(&mut r), Ok(()));
+        assert_eq!(r.headers()[HOST], "b.example:81");
+        assert_eq!(r.uri().path(), "/p");
+    }
+
+    #[test]
+    fn h2_host_must_match_authority() {
+        let mut r = req(Version::HTTP_2, "http://a.example/", &["A.example"]);
+        assert_eq!(check_target(&mut r), Ok(()));
+        let mut r = req(Version::HTTP_2, "http://a.example/", &["b.example"]);
+        assert_eq!(check_target(&mut r), Err(FramingError::AuthorityMismatch));
+        // h2 carries no Host at all, normally: nothing to check.
+        let mut r = req(Version::HTTP_2, "http://a.example/", &[]);
+        assert_eq!(check_target(&mut r), Ok(()));
+    }
+
+    #[test]
+    fn refusals_close_the_connection() {
+        let resp: Response<ResponseBody<()>> = refuse(FramingError::MissingHost);
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(resp.headers()[CONNECTION], "close");
+    }
+}
