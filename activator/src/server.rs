@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, RETRY_AFTER, USER_AGENT};
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -164,12 +164,13 @@ pub async fn handle(
                 return Response::from_parts(parts, ResponseBody::empty());
             }
             // A client that stops reading must not keep the permit past the timeouts.
-            conn.limit_writes(
-                version,
-                timeouts.total.and_then(|d| started.checked_add(d)),
-                timeouts.idle,
-            );
+            let total = timeouts.total.and_then(|d| started.checked_add(d));
             let body = timeouts.body(started, body);
+            if version == Version::HTTP_2 {
+                let body = ResponseBody::watched(body, guard, total, timeouts.idle);
+                return Response::from_parts(parts, body);
+            }
+            conn.limit_writes(version, total, timeouts.idle);
             return Response::from_parts(parts, ResponseBody::proxied(body, guard));
         }
         Ok(Err(Refused::Throttled(e @ ThrottleError::Unavailable { .. }))) => {

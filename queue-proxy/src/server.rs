@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, HOST, USER_AGENT};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use thaw_shared::breaker::Breaker;
 use thaw_shared::conn::Connection;
@@ -128,12 +128,13 @@ pub async fn handle(
             }
             // A client that stops reading must not keep the slot past the timeouts.
             let timeouts = &state.timeouts;
-            conn.limit_writes(
-                version,
-                timeouts.total.and_then(|d| started.checked_add(d)),
-                timeouts.idle,
-            );
+            let total = timeouts.total.and_then(|d| started.checked_add(d));
             let body = timeouts.body(started, body);
+            if version == Version::HTTP_2 {
+                let body = ResponseBody::watched(body, guard, total, timeouts.idle);
+                return Response::from_parts(parts, body);
+            }
+            conn.limit_writes(version, total, timeouts.idle);
             return Response::from_parts(parts, ResponseBody::proxied(body, guard));
         }
         Ok(Err(Refused::Full(full))) => {

@@ -72,6 +72,40 @@ async fn a_client_that_stops_reading_loses_its_slot_at_the_idle_timeout() {
     next_request_is_served(&qp).await;
 }
 
+#[tokio::test]
+async fn an_h2_client_with_a_closed_window_loses_its_slot_at_the_revision_timeout() {
+    let app = App::start(&[]).await;
+    let qp = QueueProxy::start(
+        app.port(),
+        &[
+            ("CONTAINER_CONCURRENCY", "1"),
+            ("REVISION_TIMEOUT_SECONDS", "2"),
+        ],
+    )
+    .await;
+    // A stream window of zero: the server may send headers, never a byte of body.
+    let tcp = TcpStream::connect(qp.serving).await.unwrap();
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let req = http::Request::get(format!("http://{}/bytes?n=100000000", qp.serving))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(req, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _unread = response.into_body();
+    eventually("the stalled stream holds the slot", || async {
+        qp.user_metric("revision_requests_in_flight", "").await == 1.0
+    })
+    .await;
+    next_request_is_served(&qp).await;
+    drop(client);
+}
+
 /// Reads until the server closes the connection (an HTTP/2 server sends its SETTINGS
 /// first); an error (reset) is a close too.
 async fn closed_by_server(stream: &mut TcpStream) -> bool {

@@ -3,7 +3,9 @@
 //! dropped the moment the stream ends (breaker slot, pod permit, in-flight count, latency).
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
@@ -12,7 +14,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
-use crate::timeout::TimeoutBody;
+use tokio::time::Instant;
+
+use crate::timeout::{TimeoutBody, TIMEOUT_BODY};
 
 pin_project! {
     #[project = ResponseBodyProj]
@@ -23,7 +27,19 @@ pin_project! {
             body: TimeoutBody<Incoming>,
             guard: Option<G>,
         },
+        /// An HTTP/2 response under a watchdog; see [`ResponseBody::watched`].
+        Watched { watched: Arc<Mutex<Watched<G>>> },
     }
+}
+
+/// What a watched response shares with its watchdog.
+pub struct Watched<G> {
+    body: Option<Pin<Box<TimeoutBody<Incoming>>>>,
+    guard: Option<G>,
+    /// When the client last took a data frame.
+    last_progress: Instant,
+    timed_out: bool,
+    done: bool,
 }
 
 impl<G> ResponseBody<G> {
@@ -46,6 +62,71 @@ impl<G> ResponseBody<G> {
             body,
             guard: Some(guard),
         }
+    }
+}
+
+impl<G: Send + 'static> ResponseBody<G> {
+    /// A proxied HTTP/2 response whose deadlines hold even when the client stops taking
+    /// data. HTTP/2 flow control stalls a stream without blocking the socket, and hyper
+    /// then stops polling the body, so [`TimeoutBody`]'s timers never fire. A watchdog
+    /// task drops the upstream body and the guard (breaker slot, pod permit) once `total`
+    /// passes, or once the client took nothing for `idle`. HTTP/1 needs none of this: a
+    /// stalled client blocks the socket, which [`crate::conn::ConnIo`] watches.
+    pub fn watched(
+        body: TimeoutBody<Incoming>,
+        guard: G,
+        total: Option<Instant>,
+        idle: Option<Duration>,
+    ) -> Self {
+        if total.is_none() && idle.is_none() {
+            return Self::proxied(body, guard);
+        }
+        let watched = Arc::new(Mutex::new(Watched {
+            body: Some(Box::pin(body)),
+            guard: Some(guard),
+            last_progress: Instant::now(),
+            timed_out: false,
+            done: false,
+        }));
+        tokio::spawn(watchdog(Arc::downgrade(&watched), total, idle));
+        ResponseBody::Watched { watched }
+    }
+}
+
+/// Ends a watched response whose client stalled past its deadlines.
+async fn watchdog<G>(
+    watched: Weak<Mutex<Watched<G>>>,
+    total: Option<Instant>,
+    idle: Option<Duration>,
+) {
+    let mut last_progress = Instant::now();
+    loop {
+        let idle_due = idle.and_then(|d| last_progress.checked_add(d));
+        let due = match (total, idle_due) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return,
+        };
+        tokio::time::sleep_until(due).await;
+        let Some(watched) = watched.upgrade() else {
+            return; // hyper dropped the response: nothing left to free
+        };
+        let Ok(mut state) = watched.lock() else {
+            return;
+        };
+        if state.done {
+            return;
+        }
+        if state.last_progress > last_progress && total.is_none_or(|t| t > Instant::now()) {
+            last_progress = state.last_progress;
+            continue;
+        }
+        // Dropping the upstream body cancels the app's request; dropping the guard frees
+        // the slot. The stream itself ends when hyper next polls it.
+        state.body = None;
+        state.guard = None;
+        state.timed_out = true;
+        return;
     }
 }
 
@@ -100,6 +181,34 @@ impl<G> Body for ResponseBody<G> {
                 }
                 polled
             }
+            ResponseBodyProj::Watched { watched } => {
+                let Ok(mut state) = watched.lock() else {
+                    return Poll::Ready(None);
+                };
+                if state.done {
+                    return Poll::Ready(None);
+                }
+                if state.timed_out {
+                    state.done = true;
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                        TIMEOUT_BODY.as_bytes(),
+                    )))));
+                }
+                let Some(body) = state.body.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let polled = body.as_mut().poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(_))) => state.last_progress = Instant::now(),
+                    Poll::Ready(Some(Err(_)) | None) => {
+                        state.done = true;
+                        state.body = None;
+                        state.guard = None;
+                    }
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -107,6 +216,9 @@ impl<G> Body for ResponseBody<G> {
         match self {
             ResponseBody::Local { data } => data.is_none(),
             ResponseBody::Proxied { body, .. } => body.is_end_stream(),
+            ResponseBody::Watched { watched } => watched.lock().map_or(true, |s| {
+                s.done || (!s.timed_out && s.body.as_ref().is_none_or(|b| b.is_end_stream()))
+            }),
         }
     }
 
@@ -116,6 +228,11 @@ impl<G> Body for ResponseBody<G> {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ResponseBody::Proxied { body, .. } => body.size_hint(),
+            ResponseBody::Watched { watched } => watched
+                .lock()
+                .ok()
+                .and_then(|s| s.body.as_ref().map(|b| b.size_hint()))
+                .unwrap_or_default(),
         }
     }
 }
