@@ -30,22 +30,27 @@ async fn ambiguous_targets_are_refused_and_absolute_form_names_the_host() {
 }
 
 #[tokio::test]
-async fn h2_host_must_match_authority() {
+async fn h2_requests_follow_the_same_host_rules() {
     // HTTP/2 in goes out as h2c, which the raw app does not speak: use the test app.
     let app = App::start(&[]).await;
     let qp = QueueProxy::start(app.port(), &[]).await;
     let client = h2c_client();
     let req = Request::get(format!("http://{}/", qp.serving))
-        .header("host", "evil.example")
+        .header("host", "a.example")
+        .header("host", "b.example")
         .body(Full::<Bytes>::default())
         .unwrap();
     let (status, _, body) = send(&client, req).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
-    let req = Request::get(format!("http://{}/", qp.serving))
+    // One Host is the host the app is sent, as :authority.
+    let req = Request::get(format!("http://{}/headers", qp.serving))
+        .header("host", "a.example")
         .body(Full::<Bytes>::default())
         .unwrap();
-    let (status, _, _) = send(&client, req).await;
+    let (status, _, body) = send(&client, req).await;
     assert_eq!(status, StatusCode::OK);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(seen.to_string().contains("a.example"), "{seen}");
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Where a request says it is going, checked before anything else reads it.
 //!
-//! hyper parses the message, but leaves the `Host` rules of RFC 9110 §7.2, RFC 9112 §3.2
-//! and RFC 9113 §8.3.1 to the application. A proxy that skips them forwards requests whose
+//! hyper parses the message, but leaves the `Host` rules of RFC 9110 §7.2 and RFC 9112
+//! §3.2 to the application. A proxy that skips them forwards requests whose
 //! target is ambiguous: two `Host` headers that an app and a cache may read differently, or
 //! an absolute-form target naming one host and a `Host` header naming another. Go's
 //! net/http (and so Knative's Go proxies) refuses those with `400`; so does Thaw, with Go's
@@ -22,8 +22,6 @@ pub enum FramingError {
     MissingHost,
     #[error("malformed Host header")]
     MalformedHost,
-    #[error("Host header does not match :authority")]
-    AuthorityMismatch,
 }
 
 /// Checks the request's `Host` and, for an absolute-form target, makes `Host` name the
@@ -41,19 +39,13 @@ pub fn check_target<B>(req: &mut Request<B>) -> Result<(), FramingError> {
         (None, Version::HTTP_11) => return Err(FramingError::MissingHost),
         _ => {}
     }
-    let authority = req.uri().authority();
     if req.version() == Version::HTTP_2 {
-        // RFC 9113 §8.3.1: `:authority` wins, and a `Host` naming another host is malformed.
-        if let (Some(host), Some(authority)) = (host, authority) {
-            if !host
-                .as_bytes()
-                .eq_ignore_ascii_case(authority.as_str().as_bytes())
-            {
-                return Err(FramingError::AuthorityMismatch);
-            }
-        }
+        // A `Host` beside `:authority` is the host the request is routed by and the one
+        // the app is sent as `:authority` (the proxy sets it, as Go's proxy sends
+        // `req.Host`), so nothing downstream sees two hosts.
         return Ok(());
     }
+    let authority = req.uri().authority();
     if req.uri().scheme().is_some() {
         // Absolute form (`GET http://a.example/ HTTP/1.1`): the target's authority is the
         // host, whatever `Host` says.
@@ -145,12 +137,12 @@ mod tests {
     }
 
     #[test]
-    fn h2_host_must_match_authority() {
-        let mut r = req(Version::HTTP_2, "http://a.example/", &["A.example"]);
-        assert_eq!(check_target(&mut r), Ok(()));
+    fn h2_hosts_are_checked_like_http_1() {
         let mut r = req(Version::HTTP_2, "http://a.example/", &["b.example"]);
-        assert_eq!(check_target(&mut r), Err(FramingError::AuthorityMismatch));
-        // h2 carries no Host at all, normally: nothing to check.
+        assert_eq!(check_target(&mut r), Ok(()));
+        let mut r = req(Version::HTTP_2, "http://a.example/", &["a", "b"]);
+        assert_eq!(check_target(&mut r), Err(FramingError::DuplicateHost));
+        // h2 carries no Host at all, normally.
         let mut r = req(Version::HTTP_2, "http://a.example/", &[]);
         assert_eq!(check_target(&mut r), Ok(()));
     }
