@@ -131,7 +131,7 @@ pub async fn serve<F, Fut, B>(
 /// a long pause would lock clients out after the pressure is gone. Logged once per run
 /// of failures, not once per failure.
 #[derive(Debug, Default)]
-struct AcceptBackoff {
+pub struct AcceptBackoff {
     delay: Option<Duration>,
 }
 
@@ -139,7 +139,8 @@ impl AcceptBackoff {
     const FIRST: Duration = Duration::from_millis(5);
     const MAX: Duration = Duration::from_secs(1);
 
-    async fn wait(&mut self, err: &std::io::Error) {
+    /// Sleeps after a failed accept, longer each time while failures go on.
+    pub async fn wait(&mut self, err: &std::io::Error) {
         let delay = match self.delay {
             None => {
                 tracing::warn!(error = %err, "accept failed; retrying with backoff");
@@ -151,7 +152,8 @@ impl AcceptBackoff {
         tokio::time::sleep(delay).await;
     }
 
-    fn reset(&mut self) {
+    /// An accept succeeded: the next failure starts again at the shortest pause.
+    pub fn reset(&mut self) {
         if self.delay.take().is_some() {
             tracing::info!("accepting connections again");
         }

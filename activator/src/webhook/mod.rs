@@ -35,8 +35,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use thaw_queue_proxy::inject::InjectSettings;
+use thaw_shared::conn::ConnIo;
 use thaw_shared::drain::{Signal, Signals};
-use thaw_shared::serve;
+use thaw_shared::serve::{self, AcceptBackoff};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{ServiceBuilder, ServiceExt};
@@ -306,6 +307,7 @@ async fn serve_https(
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -313,13 +315,23 @@ async fn serve_https(
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                backoff.reset();
+                conn
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff.wait(&e).await;
                 continue;
             }
         };
+        // A connection that completes the TLS handshake and then sends nothing is closed
+        // after the header timeout, as on the traffic ports.
+        let (stream, conn_info) = ConnIo::new(
+            stream,
+            serve::client_ip_header(peer),
+            READ_HEADER_TIMEOUT,
+            false,
+        );
         let acceptor = served.acceptor();
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
@@ -336,8 +348,10 @@ async fn serve_https(
                     return;
                 }
             };
-            let hyper_svc =
-                hyper::service::service_fn(move |req: Request<Incoming>| svc.clone().oneshot(req));
+            let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                conn_info.request_started();
+                svc.clone().oneshot(req)
+            });
             let conn = builder
                 .serve_connection(TokioIo::new(tls), hyper_svc)
                 .into_owned();
