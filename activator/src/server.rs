@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, RETRY_AFTER, USER_AGENT};
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -16,11 +16,11 @@ use thaw_shared::conn::Connection;
 use thaw_shared::drain::UpgradeTracker;
 use thaw_shared::framing;
 use thaw_shared::headers;
-use thaw_shared::proxy::{self, ProxyError, TunnelHold, Upstream};
+use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::InFlight;
 use tokio::time::Instant;
 
-use thaw_shared::body::{local, text, PROMETHEUS_TEXT};
+use thaw_shared::body::{self, local, text, PROMETHEUS_TEXT};
 
 use crate::metrics::{Metrics, RevisionGauges};
 use crate::platform::Platform;
@@ -158,20 +158,10 @@ pub async fn handle(
             }
             guard.status = parts.status;
             guard._permit = Some(permit);
-            // An upgraded connection keeps its pod permit until it closes.
-            if let Some(hold) = TunnelHold::take(&mut parts) {
-                hold.keep(guard);
-                return Response::from_parts(parts, ResponseBody::empty());
-            }
-            // A client that stops reading must not keep the permit past the timeouts.
-            let total = timeouts.total.and_then(|d| started.checked_add(d));
-            let body = timeouts.body(started, body);
-            if version == Version::HTTP_2 {
-                let body = ResponseBody::watched(body, guard, total, timeouts.idle);
-                return Response::from_parts(parts, body);
-            }
-            conn.limit_writes(version, total, timeouts.idle);
-            return Response::from_parts(parts, ResponseBody::proxied(body, guard));
+            // An upgraded connection keeps its pod permit until it closes; a client that
+            // stops reading does not keep it past the timeouts.
+            let resp = Response::from_parts(parts, body);
+            return body::proxied_response(resp, guard, conn, version, &timeouts, started);
         }
         Ok(Err(Refused::Throttled(e @ ThrottleError::Unavailable { .. }))) => {
             tracing::warn!(revision = %revision.spec.id, error = %e, "revision unavailable");

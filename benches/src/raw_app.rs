@@ -165,14 +165,6 @@ pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// Every value of header `name` in a head.
-pub fn headers<'a>(head: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    head.lines().skip(1).filter_map(move |line| {
-        let (n, v) = line.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
 /// Sends `request` on a fresh connection and reads until the peer closes (or 10 s pass),
 /// for exchanges a client library would refuse to make or would hide.
 pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {

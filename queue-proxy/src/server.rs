@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, HOST, USER_AGENT};
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use thaw_shared::breaker::Breaker;
 use thaw_shared::conn::Connection;
@@ -13,12 +13,12 @@ use thaw_shared::drain::{Drainer, UpgradeTracker};
 use thaw_shared::framing;
 use thaw_shared::headers;
 use thaw_shared::probe::Prober;
-use thaw_shared::proxy::{self, ProxyError, TunnelHold, Upstream};
+use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
 use tokio::time::Instant;
 
-use thaw_shared::body::{empty, local, text, PROMETHEUS_TEXT};
+use thaw_shared::body::{self, empty, local, text, PROMETHEUS_TEXT};
 
 use crate::body::{RequestGuard, ResponseBody};
 use crate::metrics::{AutoscalerStats, LogInfo, UserMetrics};
@@ -117,25 +117,12 @@ pub async fn handle(
     let result = state.timeouts.before_first_byte(started, head).await;
     let resp = match result {
         Ok(Ok(resp)) => {
-            let (mut parts, body) = resp.into_parts();
             if let Some(record) = guard.record.as_mut() {
-                record.status(parts.status);
+                record.status(resp.status());
             }
-            // An upgraded connection keeps its slot until it closes (CONTRACT §1.4).
-            if let Some(hold) = TunnelHold::take(&mut parts) {
-                hold.keep(guard);
-                return Response::from_parts(parts, ResponseBody::empty());
-            }
-            // A client that stops reading must not keep the slot past the timeouts.
-            let timeouts = &state.timeouts;
-            let total = timeouts.total.and_then(|d| started.checked_add(d));
-            let body = timeouts.body(started, body);
-            if version == Version::HTTP_2 {
-                let body = ResponseBody::watched(body, guard, total, timeouts.idle);
-                return Response::from_parts(parts, body);
-            }
-            conn.limit_writes(version, total, timeouts.idle);
-            return Response::from_parts(parts, ResponseBody::proxied(body, guard));
+            // An upgraded connection keeps its slot until it closes (CONTRACT §1.4); a
+            // client that stops reading does not keep it past the timeouts.
+            return body::proxied_response(resp, guard, conn, version, &state.timeouts, started);
         }
         Ok(Err(Refused::Full(full))) => {
             state.metrics.breaker_rejected();

@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
-use http::{Response, StatusCode};
+use http::{Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use tokio::time::Instant;
 
-use crate::timeout::{TimeoutBody, TIMEOUT_BODY};
+use crate::conn::Connection;
+use crate::proxy::TunnelHold;
+use crate::timeout::{TimeoutBody, Timeouts, TIMEOUT_BODY};
 
 pin_project! {
     #[project = ResponseBodyProj]
@@ -91,6 +93,34 @@ impl<G: Send + 'static> ResponseBody<G> {
         tokio::spawn(watchdog(Arc::downgrade(&watched), total, idle));
         ResponseBody::Watched { watched }
     }
+}
+
+/// The response to a proxied request, holding `guard` for exactly as long as the exchange
+/// lasts: an upgraded connection keeps it until the tunnel closes; otherwise the body
+/// streams under `timeouts`, which also bound how long a client that stops reading may
+/// hold it (through the connection on HTTP/1, a watchdog on HTTP/2).
+pub fn proxied_response<G: Send + 'static>(
+    resp: Response<Incoming>,
+    guard: G,
+    conn: &Connection,
+    version: Version,
+    timeouts: &Timeouts,
+    started: Instant,
+) -> Response<ResponseBody<G>> {
+    let (mut parts, body) = resp.into_parts();
+    if let Some(hold) = TunnelHold::take(&mut parts) {
+        hold.keep(guard);
+        return Response::from_parts(parts, ResponseBody::empty());
+    }
+    let total = timeouts.total.and_then(|d| started.checked_add(d));
+    let body = timeouts.body(started, body);
+    let body = if version == Version::HTTP_2 {
+        ResponseBody::watched(body, guard, total, timeouts.idle)
+    } else {
+        conn.limit_writes(total, timeouts.idle);
+        ResponseBody::proxied(body, guard)
+    };
+    Response::from_parts(parts, body)
 }
 
 /// Ends a watched response whose client stalled past its deadlines.

@@ -81,13 +81,10 @@ impl Connection {
         }
     }
 
-    /// Sets how long the response about to be written may be blocked by a client that
-    /// does not read: until `total` at the latest, and never `idle` without progress.
-    /// HTTP/2 multiplexes responses over one connection, so only HTTP/1 sets them.
-    pub fn limit_writes(&self, version: Version, total: Option<Instant>, idle: Option<Duration>) {
-        if version == Version::HTTP_2 {
-            return;
-        }
+    /// Sets how long the HTTP/1 response about to be written may be blocked by a client
+    /// that does not read: until `total` at the latest, and never `idle` without progress.
+    /// (HTTP/2 multiplexes responses over one connection; its streams are watched apart.)
+    pub fn limit_writes(&self, total: Option<Instant>, idle: Option<Duration>) {
         if let Ok(mut limits) = self.limits.lock() {
             *limits = WriteLimits { total, idle };
         }
@@ -376,7 +373,7 @@ mod tests {
     async fn a_blocked_write_fails_at_the_idle_limit() {
         let (mut io, conn, _client) = pair(Duration::from_secs(60)).await;
         conn.request_started();
-        conn.limit_writes(Version::HTTP_11, None, Some(Duration::from_millis(200)));
+        conn.limit_writes(None, Some(Duration::from_millis(200)));
         // The client never reads: the socket buffers fill, then the write blocks.
         let chunk = vec![0u8; 64 * 1024];
         let started = Instant::now();
