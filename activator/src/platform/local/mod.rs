@@ -83,11 +83,21 @@ pub fn load(path: &Path) -> Result<LocalConfig, LocalConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let base = path.parent().map(Path::to_owned).unwrap_or_default();
+    let base = config_dir(path);
     LocalConfig::parse(&text, &base).map_err(|message| LocalConfigError::Invalid {
         path: path.to_owned(),
         message,
     })
+}
+
+/// The directory relative commands resolve from: the file's own. A bare file name has
+/// an empty parent, which as a working directory makes every spawn fail with ENOENT
+/// (misreported as the program missing), so it becomes `.`.
+fn config_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// One revision's pods, shared between its scaling task and `kill_now`.
@@ -456,6 +466,16 @@ async fn log_ready(revision: Arc<str>, pod: u64, serving: SocketAddr, started: I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_config_file_name_resolves_from_the_current_directory() {
+        assert_eq!(config_dir(Path::new("hello.yaml")), Path::new("."));
+        assert_eq!(
+            config_dir(Path::new("deploy/local/hello.yaml")),
+            Path::new("deploy/local")
+        );
+        assert_eq!(config_dir(Path::new("/etc/thaw.yaml")), Path::new("/etc"));
+    }
 
     #[test]
     fn queue_proxy_falls_back_to_this_executable() {
