@@ -53,6 +53,28 @@ fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// The most `--max-local-pods` accepts: far beyond what a machine runs, small enough for
+/// a semaphore.
+pub const MAX_LOCAL_PODS: usize = 100_000;
+
+/// Knative's `max-scale-up-rate` rule: a finite number greater than 1 (a rate of 1 would
+/// pin the scale where it is).
+fn scale_up_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 1.0 => Ok(r),
+        _ => Err(format!("expected a number greater than 1, got {s:?}")),
+    }
+}
+
+fn max_local_pods(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_LOCAL_PODS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {MAX_LOCAL_PODS}, got {s:?}"
+        )),
+    }
+}
+
 fn worker_threads(s: &str) -> Result<usize, String> {
     let max = thaw_shared::limits::MAX_WORKER_THREADS;
     match s.trim().parse::<usize>() {
@@ -104,6 +126,17 @@ pub struct Config {
     /// this long (its queue-proxy's quiet period; Knative's is 30s).
     #[arg(long, env = "THAW_POD_QUIET_PERIOD", default_value = "2s", value_parser = duration)]
     pub pod_quiet_period: Duration,
+
+    /// Local platform: the most pods it runs at once, over all revisions (each pod is an
+    /// app and a queue-proxy). Default: 8 per CPU available, at least 8.
+    #[arg(long, env = "THAW_MAX_LOCAL_PODS", value_parser = max_local_pods)]
+    pub max_local_pods: Option<usize>,
+
+    /// The built-in autoscaler (local and kubernetes platforms): one decision asks for at
+    /// most this many times the ready pods, counting at least one (Knative's
+    /// config-autoscaler `max-scale-up-rate`). Must be greater than 1.
+    #[arg(long, env = "THAW_MAX_SCALE_UP_RATE", default_value_t = 1000.0, value_parser = scale_up_rate)]
+    pub max_scale_up_rate: f64,
 
     /// Address every listener binds.
     #[arg(long, env = "THAW_LISTEN_ADDRESS", default_value = "0.0.0.0")]
@@ -290,6 +323,7 @@ mod tests {
         assert_eq!(c.max_waiting, 10_000);
         assert_eq!(c.buffer_budget, 64 << 20);
         assert_eq!(c.drain_period, Duration::from_secs(45));
+        assert_eq!((c.max_scale_up_rate, c.max_local_pods), (1000.0, None));
     }
 
     #[test]
@@ -338,6 +372,27 @@ mod tests {
                 .worker_threads,
             Some(2)
         );
+        for rate in ["1", "0.5", "-3", "NaN", "inf", "fast"] {
+            assert!(
+                Config::try_parse_from(["activator", "--max-scale-up-rate", rate]).is_err(),
+                "{rate}"
+            );
+        }
+        for pods in ["0", "100001", "-1", "many"] {
+            assert!(
+                Config::try_parse_from(["activator", "--max-local-pods", pods]).is_err(),
+                "{pods}"
+            );
+        }
+        let c = Config::try_parse_from([
+            "activator",
+            "--max-scale-up-rate",
+            "1.5",
+            "--max-local-pods",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!((c.max_scale_up_rate, c.max_local_pods), (1.5, Some(3)));
         assert_eq!(bytes("512KiB"), Ok(512 << 10));
         assert_eq!(bytes("7"), Ok(7));
     }

@@ -90,6 +90,10 @@ pub async fn platform(
                 queue_proxy: LocalSettings::find_queue_proxy(config.queue_proxy_bin.as_deref()),
                 drain_quiet_period: config.pod_quiet_period,
                 tick: Duration::from_secs(1),
+                max_scale_up_rate: config.max_scale_up_rate,
+                max_pods: config
+                    .max_local_pods
+                    .unwrap_or_else(LocalSettings::default_max_pods),
             };
             Ok(Arc::new(LocalPlatform::start(file, load, settings)))
         }

@@ -235,6 +235,9 @@ impl Autoscaler {
     }
 
     /// Decides how many pods the revision should have at `now` with `ready_pods` ready.
+    /// `ready_pods` must count only pods that serve: the scale-up rate is a multiple of
+    /// them, so a caller that counted pods still starting would let a revision whose pods
+    /// never become ready grow without bound.
     pub fn decide(&mut self, now: Instant, ready_pods: u32) -> Decision {
         self.forget_outside_stable_window(now);
         let s = self.settings;
@@ -557,6 +560,34 @@ mod tests {
         for _ in 1..100 {
             assert_eq!(sim.tick(0.0).desired, 2);
         }
+    }
+
+    #[test]
+    fn scale_up_is_bounded_by_the_rate_times_the_ready_pods() {
+        // Knative's autoscaler.go: maxScaleUp = ⌈max-scale-up-rate × max(1, ready)⌉.
+        let settings = ScalingSettings {
+            max_scale_up_rate: 3.0,
+            ..ScalingSettings::default().with_target(1.0)
+        };
+        let mut scaler = Autoscaler::new(settings);
+        let now = Instant::now();
+        scaler.record(now, 500.0);
+        // Pods that were asked for but are not ready do not count: still 3 × 1.
+        assert_eq!(scaler.decide(now, 0).desired, 3);
+        assert_eq!(scaler.decide(now, 0).desired, 3);
+        assert_eq!(scaler.decide(now, 2).desired, 6);
+        assert_eq!(scaler.decide(now, 100).desired, 300);
+        // A timid rate still grows by at least one pod (the ceiling).
+        let mut scaler = Autoscaler::new(ScalingSettings {
+            max_scale_up_rate: 1.1,
+            ..ScalingSettings::default().with_target(1.0)
+        });
+        scaler.record(now, 3.0);
+        assert_eq!(scaler.decide(now, 2).desired, 3);
+        // Knative's default, 1000, from zero ready pods.
+        let mut scaler = Autoscaler::new(ScalingSettings::default().with_target(0.7));
+        scaler.record(now, 5000.0);
+        assert_eq!(scaler.decide(now, 0).desired, 1000);
     }
 
     #[test]

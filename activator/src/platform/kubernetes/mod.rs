@@ -57,6 +57,8 @@ pub struct KubernetesSettings {
     /// How often the leader decides every function's scale (Knative: 2 s; 1 s here,
     /// as on the local platform).
     pub tick: Duration,
+    /// Knative's `max-scale-up-rate` for every function.
+    pub max_scale_up_rate: f64,
 }
 
 /// Other activators' load per function, as the leader's stat server has it.
@@ -260,6 +262,7 @@ impl KubernetesPlatform {
             client,
             inputs,
             settings.tick,
+            Scaler::new(settings.max_scale_up_rate),
         )));
         *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Self { inner }
@@ -450,6 +453,7 @@ pub async fn connect(
             watch_namespace: config.watch_namespace.clone(),
             pod_name: config.pod_name.clone(),
             tick: Duration::from_secs(1),
+            max_scale_up_rate: config.max_scale_up_rate,
         },
         inputs,
     );
@@ -468,8 +472,13 @@ pub async fn connect(
 /// While this activator leads: every tick (or at once on a cold start), observe every
 /// function, decide, and write the scales that changed.
 /// Holds the platform alive: shutdown aborts it.
-async fn run_scaler(inner: Arc<Inner>, client: Client, mut inputs: ScalerInputs, tick: Duration) {
-    let mut scaler = Scaler::default();
+async fn run_scaler(
+    inner: Arc<Inner>,
+    client: Client,
+    mut inputs: ScalerInputs,
+    tick: Duration,
+    mut scaler: Scaler,
+) {
     let scraper = Scraper::new();
     let mut ticks = tokio::time::interval(tick);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);

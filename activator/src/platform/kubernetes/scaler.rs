@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use thaw_shared::autoscale::Autoscaler;
+use thaw_shared::autoscale::{Autoscaler, ScalingSettings};
 use tokio::time::{Duration, Instant};
 
 use super::index::{Function, QUEUE_PROXY_METRICS_PORT};
@@ -39,12 +39,26 @@ struct State {
 
 /// The per-function autoscalers. Plain data: the caller brings the clock and the
 /// observations, so every rule is tested without time passing.
-#[derive(Default)]
 pub struct Scaler {
     states: HashMap<RevisionId, State>,
+    /// Knative's cluster-wide `max-scale-up-rate`.
+    max_scale_up_rate: f64,
+}
+
+impl Default for Scaler {
+    fn default() -> Self {
+        Self::new(ScalingSettings::default().max_scale_up_rate)
+    }
 }
 
 impl Scaler {
+    pub fn new(max_scale_up_rate: f64) -> Self {
+        Self {
+            states: HashMap::new(),
+            max_scale_up_rate,
+        }
+    }
+
     /// Forgets every function's history: on losing the lease, so that a later term starts
     /// from fresh observations instead of a stale window.
     pub fn forget_all(&mut self) {
@@ -63,7 +77,10 @@ impl Scaler {
             .retain(|id, _| functions.iter().any(|f| &f.id == id));
         let mut writes = Vec::new();
         for f in functions {
-            let settings = f.scaling();
+            let settings = ScalingSettings {
+                max_scale_up_rate: self.max_scale_up_rate,
+                ..f.scaling()
+            };
             let state = self.states.entry(f.id.clone()).or_insert_with(|| State {
                 autoscaler: Autoscaler::new(settings),
                 since: now,
@@ -141,6 +158,27 @@ mod tests {
                 .map(|i| IpAddr::from([10, 0, 0, i as u8 + 1]))
                 .collect(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_scale_up_rate_bounds_a_function_whose_pods_are_not_ready() {
+        let mut scaler = Scaler::new(2.0);
+        let cc = [("thaw.dev/container-concurrency", "1")];
+        let now = Instant::now();
+        let to = |w: Vec<Write>| w.first().map(|w| w.to);
+        // 100 waiting at CC 1 wants 143 pods; with none ready, 2 × max(1, 0) = 2.
+        let w = scaler.decide(now, &[function(0, 0, &cc)], |_| 100.0);
+        assert_eq!(to(w), Some(2));
+        // Two replicas asked for, none ready yet: still 2, so nothing is written.
+        let w = scaler.decide(now + Duration::from_secs(1), &[function(2, 0, &cc)], |_| {
+            100.0
+        });
+        assert_eq!(to(w), None);
+        // Both ready: up to 4.
+        let w = scaler.decide(now + Duration::from_secs(2), &[function(2, 2, &cc)], |_| {
+            100.0
+        });
+        assert_eq!(to(w), Some(4));
     }
 
     #[tokio::test(start_paused = true)]

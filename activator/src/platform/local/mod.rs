@@ -15,11 +15,12 @@ pub mod config;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use thaw_shared::autoscale::{Autoscaler, ScalingSettings};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use self::config::{LocalConfig, LocalRevision, PodSource};
@@ -50,9 +51,25 @@ pub struct LocalSettings {
     pub drain_quiet_period: Duration,
     /// How often each revision's scale is decided.
     pub tick: Duration,
+    /// Knative's `max-scale-up-rate`: one decision asks for at most this many times the
+    /// ready pods (at least one), so a revision whose pods never become ready cannot
+    /// ask for more and more of them.
+    pub max_scale_up_rate: f64,
+    /// Pods the platform runs at once, over all revisions: what this machine can hold.
+    /// Knative's rate alone allows 1000 pods from zero; a laptop cannot run that.
+    pub max_pods: usize,
 }
 
 impl LocalSettings {
+    /// The default [`LocalSettings::max_pods`]: eight pods per CPU this process may use
+    /// (the standard library reads the cgroup quota), and never fewer than eight. A pod is
+    /// two processes that mostly wait; eight per core leaves room for bursts while a
+    /// runaway scale-out still cannot exhaust the machine's processes, ports or memory.
+    pub fn default_max_pods() -> usize {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cpus.saturating_mul(8).max(8)
+    }
+
     /// The queue-proxy to run: `explicit`, else a `queue-proxy` binary beside this
     /// executable, else this executable itself as `activator queue-proxy`.
     pub fn find_queue_proxy(explicit: Option<&Path>) -> QueueProxyCommand {
@@ -109,6 +126,23 @@ struct RunningPod {
     pod: Pod,
     /// The app or queue-proxy exited and has not come back yet.
     down: bool,
+    /// The pod answered the activator's probe since it last (re)started. Only ready pods
+    /// count for the scale-up rate; pods still starting count as asked for already, so
+    /// they are not asked for again.
+    ready: bool,
+    /// The task that probes the pod until it is ready; it stops when the pod leaves.
+    readiness: AbortOnDrop,
+    /// The pod's place under the machine's pod limit, held until its processes are gone.
+    slot: OwnedSemaphorePermit,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct RevisionRuntime {
@@ -138,6 +172,8 @@ struct Inner {
     revisions: Vec<Arc<RevisionRuntime>>,
     /// Set once the activator stops: scaling loops end instead of replacing pods.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// One permit per pod the machine may run, shared by every revision.
+    pod_slots: Arc<Semaphore>,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<PlatformUpdate>>>,
     load: Arc<RevisionStats>,
     settings: LocalSettings,
@@ -188,6 +224,7 @@ impl LocalPlatform {
             inner: Arc::new(Inner {
                 revisions,
                 stopping: tokio::sync::watch::Sender::new(false),
+                pod_slots: Arc::new(Semaphore::new(settings.max_pods.max(1))),
                 subscribers: Mutex::new(Vec::new()),
                 load,
                 settings,
@@ -284,17 +321,51 @@ impl Platform for LocalPlatform {
     }
 }
 
-fn scaling_settings(r: &LocalRevision) -> ScalingSettings {
+fn scaling_settings(r: &LocalRevision, max_scale_up_rate: f64) -> ScalingSettings {
     let mut s = ScalingSettings::default().with_stable_window(r.stable_window);
     s.target = r.target;
     s.min_scale = r.min_scale;
     s.max_scale = r.max_scale;
     s.scale_to_zero_grace_period = r.scale_to_zero_grace_period;
+    s.max_scale_up_rate = max_scale_up_rate;
     s
 }
 
+/// What one decision does to a revision's pods.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    Keep,
+    Start(u32),
+    /// These pods, by id.
+    Stop(Vec<u64>),
+}
+
+/// Turns a desired pod count into starts or stops, given each running pod's id and
+/// readiness. Pods still starting are counted, so that they are not asked for twice.
+/// Scale-down takes pods that are not ready first (they serve nobody), then the newest,
+/// as Kubernetes' ReplicaSet controller picks which pods to delete.
+fn plan(desired: u32, pods: &[(u64, bool)]) -> Plan {
+    let running = u32::try_from(pods.len()).unwrap_or(u32::MAX);
+    if desired > running {
+        return Plan::Start(desired - running);
+    }
+    if desired == running {
+        return Plan::Keep;
+    }
+    let mut order: Vec<(u64, bool)> = pods.to_vec();
+    // Not ready before ready; newest (highest id) first within each.
+    order.sort_by_key(|&(id, ready)| (ready, std::cmp::Reverse(id)));
+    Plan::Stop(
+        order
+            .into_iter()
+            .take((running - desired) as usize)
+            .map(|(id, _)| id)
+            .collect(),
+    )
+}
+
 /// One revision's control loop: observe, decide, start or stop pods.
-async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntime>) {
+async fn scale_revision(platform: Weak<Inner>, rt: Arc<RevisionRuntime>) {
     let Some(inner) = platform.upgrade() else {
         return;
     };
@@ -317,12 +388,20 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
         drain_quiet_period: inner.settings.drain_quiet_period,
     };
     let tick_every = inner.settings.tick;
+    let max_pods = inner.settings.max_pods;
+    let pod_slots = Arc::clone(&inner.pod_slots);
     let mut stopping = inner.stopping.subscribe();
+    let mut autoscaler = Autoscaler::new(scaling_settings(
+        &rt.config,
+        inner.settings.max_scale_up_rate,
+    ));
     drop(inner);
 
     let name = rt.spec.id.name.clone();
     let scraper = Scraper::new();
-    let mut autoscaler = Autoscaler::new(scaling_settings(&rt.config));
+    // Whether the last decision was held back by the machine's pod limit, so that the
+    // warning is logged once per episode rather than every tick.
+    let mut capped = false;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut next_id = 1u64;
     let mut tick = tokio::time::interval(tick_every);
@@ -338,7 +417,11 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
             _ = rt.wake.notified() => {}
             Some(event) = events.recv() => {
                 let Some(inner) = platform.upgrade() else { return };
-                on_pod_event(&inner, &rt, event);
+                if on_pod_event(&rt, event) {
+                    // The activator drops a pod that exited at once, and probes it again
+                    // once it is back.
+                    inner.publish_pods(&rt);
+                }
                 continue;
             }
         }
@@ -359,113 +442,208 @@ async fn scale_revision(platform: std::sync::Weak<Inner>, rt: Arc<RevisionRuntim
         let direct = scraper.direct_concurrency(metrics_addrs).await;
         let observed = inner.load.in_flight(&rt.spec.id) as f64 + direct;
         autoscaler.record(now, observed);
-        let current = rt.pods().running.len() as u32;
-        let desired = autoscaler.decide(now, current).desired;
-        if desired == current || retry_after.is_some_and(|t| now < t) && desired > current {
-            continue;
-        }
-        tracing::info!(revision = %name, from = current, to = desired, "scaling {name} from {current} to {desired}");
-        if desired > current {
-            for _ in current..desired {
-                if *stopping.borrow() {
-                    return;
+        let pods: Vec<(u64, bool)> = rt
+            .pods()
+            .running
+            .iter()
+            .map(|(id, p)| (*id, p.ready && !p.down))
+            .collect();
+        let current = u32::try_from(pods.len()).unwrap_or(u32::MAX);
+        // Knative's KPA counts ready pods only: the scale-up rate is a multiple of what
+        // already serves, so pods that never become ready cannot snowball.
+        let ready = u32::try_from(pods.iter().filter(|(_, r)| *r).count()).unwrap_or(u32::MAX);
+        let desired = autoscaler.decide(now, ready).desired;
+        match plan(desired, &pods) {
+            Plan::Keep => {
+                capped = false;
+            }
+            Plan::Start(_) if retry_after.is_some_and(|t| now < t) => {}
+            Plan::Start(wanted) => {
+                let free = u32::try_from(pod_slots.available_permits()).unwrap_or(u32::MAX);
+                let starting = wanted.min(free);
+                if starting < wanted && !capped {
+                    tracing::warn!(
+                        revision = %name,
+                        desired,
+                        max_pods,
+                        "{name} wants {desired} pods; the machine's limit of {max_pods} pods (--max-local-pods) holds it at {}",
+                        current + starting
+                    );
                 }
-                let id = next_id;
-                next_id += 1;
-                match Pod::start(id, &template, events_tx.clone()).await {
-                    Ok(pod) => {
-                        failures = 0;
-                        retry_after = None;
-                        if *stopping.borrow() {
-                            // The activator began stopping while this pod started.
-                            pod.stop().await;
-                            return;
-                        }
-                        tokio::spawn(log_ready(name.clone(), id, pod.ports.serving, now));
-                        rt.pods()
-                            .running
-                            .insert(id, RunningPod { pod, down: false });
+                capped = starting < wanted;
+                if starting == 0 {
+                    continue;
+                }
+                let to = current + starting;
+                tracing::info!(revision = %name, from = current, to, ready, "scaling {name} from {current} to {to}");
+                for _ in 0..starting {
+                    if *stopping.borrow() {
+                        return;
                     }
-                    Err(e) => {
-                        failures += 1;
-                        let backoff =
-                            Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)));
-                        retry_after = Some(Instant::now() + backoff);
-                        let reason = format!("cannot start a pod for revision {}: {e}", rt.spec.id);
-                        tracing::error!(revision = %name, error = %e, retry_in = ?backoff, "pod did not start");
-                        inner.publish(PlatformUpdate::Unavailable {
-                            revision: rt.spec.id.clone(),
-                            reason,
-                        });
+                    // There was room a moment ago, but another revision may have taken it.
+                    let Ok(slot) = Arc::clone(&pod_slots).try_acquire_owned() else {
                         break;
+                    };
+                    let id = next_id;
+                    next_id += 1;
+                    match Pod::start(id, &template, events_tx.clone()).await {
+                        Ok(pod) => {
+                            failures = 0;
+                            retry_after = None;
+                            if *stopping.borrow() {
+                                // The activator began stopping while this pod started.
+                                pod.stop().await;
+                                return;
+                            }
+                            let readiness = tokio::spawn(watch_ready(
+                                Arc::downgrade(&rt),
+                                id,
+                                pod.ports.serving,
+                                true,
+                            ));
+                            rt.pods().running.insert(
+                                id,
+                                RunningPod {
+                                    pod,
+                                    down: false,
+                                    ready: false,
+                                    readiness: AbortOnDrop(readiness),
+                                    slot,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            let backoff =
+                                Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)));
+                            retry_after = Some(Instant::now() + backoff);
+                            let reason =
+                                format!("cannot start a pod for revision {}: {e}", rt.spec.id);
+                            tracing::error!(revision = %name, error = %e, retry_in = ?backoff, "pod did not start");
+                            inner.publish(PlatformUpdate::Unavailable {
+                                revision: rt.spec.id.clone(),
+                                reason,
+                            });
+                            break;
+                        }
                     }
                 }
+                inner.publish_pods(&rt);
             }
-        } else {
-            let leaving: Vec<Pod> = {
-                let mut pods = rt.pods();
-                let ids: Vec<u64> = pods
-                    .running
-                    .keys()
-                    .rev()
-                    .take((current - desired) as usize)
-                    .copied()
-                    .collect();
-                ids.into_iter()
-                    .filter_map(|id| pods.running.remove(&id))
-                    .map(|p| p.pod)
-                    .collect()
-            };
-            // Out of rotation first, so no new request is sent to a draining pod.
-            inner.publish_pods(&rt);
-            for pod in leaving {
-                tokio::spawn(pod.stop());
+            Plan::Stop(ids) => {
+                capped = false;
+                tracing::info!(revision = %name, from = current, to = desired, ready, "scaling {name} from {current} to {desired}");
+                let leaving: Vec<RunningPod> = {
+                    let mut pods = rt.pods();
+                    ids.into_iter()
+                        .filter_map(|id| pods.running.remove(&id))
+                        .collect()
+                };
+                // Out of rotation first, so no new request is sent to a draining pod.
+                inner.publish_pods(&rt);
+                for RunningPod { pod, slot, .. } in leaving {
+                    tokio::spawn(async move {
+                        pod.stop().await;
+                        // The machine has room again only once the processes are gone.
+                        drop(slot);
+                    });
+                }
+                if desired == 0 {
+                    tracing::info!(revision = %name, "scaled {name} to zero");
+                }
             }
-            if desired == 0 {
-                tracing::info!(revision = %name, "scaled {name} to zero");
-            }
-            continue;
         }
-        inner.publish_pods(&rt);
     }
 }
 
-fn on_pod_event(inner: &Inner, rt: &RevisionRuntime, event: PodEvent) {
-    let changed = {
-        let mut pods = rt.pods();
-        match &event {
-            PodEvent::Exited { pod, .. } => {
-                pods.running.get_mut(pod).map(|p| p.down = true).is_some()
-            }
-            PodEvent::Restarted { pod } => {
-                pods.running.get_mut(pod).map(|p| p.down = false).is_some()
-            }
-        }
-    };
-    if changed {
-        // The activator drops a pod that exited at once, and probes it again once back.
-        inner.publish_pods(rt);
+fn on_pod_event(rt: &Arc<RevisionRuntime>, event: PodEvent) -> bool {
+    let mut pods = rt.pods();
+    match &event {
+        PodEvent::Exited { pod, .. } => pods.running.get_mut(pod).is_some_and(|p| {
+            p.down = true;
+            p.ready = false;
+            true
+        }),
+        PodEvent::Restarted { pod } => pods.running.get_mut(pod).is_some_and(|p| {
+            p.down = false;
+            // Probed again from scratch: the new process is not ready yet.
+            p.readiness = AbortOnDrop(tokio::spawn(watch_ready(
+                Arc::downgrade(rt),
+                *pod,
+                p.pod.ports.serving,
+                false,
+            )));
+            true
+        }),
     }
 }
 
-/// Logs when a new pod first answers the activator's probe.
-async fn log_ready(revision: Arc<str>, pod: u64, serving: SocketAddr, started: Instant) {
-    let deadline = started + Duration::from_secs(600);
-    while Instant::now() < deadline {
+/// How often a starting pod is probed: often at first, since the cold start is the local
+/// platform's most visible latency, then at Knative's pace for a pod that takes long.
+const READY_PROBE_FAST: Duration = Duration::from_millis(5);
+const READY_PROBE_SLOW: Duration = Duration::from_millis(200);
+const READY_PROBE_FAST_FOR: Duration = Duration::from_secs(5);
+
+/// Probes a pod as the activator does until it answers, then marks it ready (which lets
+/// the scale-up rate count it) and wakes the revision's loop. `first` logs the cold start.
+async fn watch_ready(rt: Weak<RevisionRuntime>, pod: u64, serving: SocketAddr, first: bool) {
+    let started = Instant::now();
+    loop {
         if let Ok(Ok(())) =
             tokio::time::timeout(Duration::from_millis(300), probe_pod(serving)).await
         {
-            let ms = started.elapsed().as_millis();
-            tracing::info!(%revision, pod, ready_ms = ms as u64, "pod ready after {ms} ms");
-            return;
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let pace = if started.elapsed() < READY_PROBE_FAST_FOR {
+            READY_PROBE_FAST
+        } else {
+            READY_PROBE_SLOW
+        };
+        tokio::time::sleep(pace).await;
+    }
+    let Some(rt) = rt.upgrade() else {
+        return;
+    };
+    let marked = rt
+        .pods()
+        .running
+        .get_mut(&pod)
+        .is_some_and(|p| !p.down && !std::mem::replace(&mut p.ready, true));
+    if marked {
+        let revision = &rt.spec.id.name;
+        let ms = started.elapsed().as_millis();
+        if first {
+            tracing::info!(%revision, pod, ready_ms = ms as u64, "pod ready after {ms} ms");
+        } else {
+            tracing::debug!(%revision, pod, ready_ms = ms as u64, "restarted pod ready after {ms} ms");
+        }
+        rt.wake.notify_one();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plans_count_starting_pods_and_stop_unready_ones_first() {
+        assert_eq!(plan(0, &[]), Plan::Keep);
+        assert_eq!(plan(3, &[]), Plan::Start(3));
+        // Two still starting count as asked for: one more, not three.
+        assert_eq!(plan(3, &[(1, false), (2, false)]), Plan::Start(1));
+        assert_eq!(plan(2, &[(1, false), (2, true)]), Plan::Keep);
+        // Scale-down: pods that serve nobody go first, newest first, then ready ones.
+        let pods = [(1, true), (2, false), (3, true), (4, false), (5, true)];
+        assert_eq!(plan(3, &pods), Plan::Stop(vec![4, 2]));
+        assert_eq!(plan(1, &pods), Plan::Stop(vec![4, 2, 5, 3]));
+        assert_eq!(plan(0, &pods), Plan::Stop(vec![4, 2, 5, 3, 1]));
+    }
+
+    #[test]
+    fn the_default_pod_limit_follows_the_cpus() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(LocalSettings::default_max_pods(), (8 * cpus).max(8));
+    }
 
     #[test]
     fn a_bare_config_file_name_resolves_from_the_current_directory() {
