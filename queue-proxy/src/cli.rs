@@ -40,6 +40,15 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Before the runtime exists, so no other thread sees standard input borrowed. A
+    // descriptor that is not a listener is a bad THAW_LISTEN_FDS, like any bad variable.
+    let inherited = match crate::Inherited::adopt(&config) {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("queue-proxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     crate::logging::init(&config.logging_level);
 
     // A sidecar is sized for about one core: a current-thread runtime beats a pool there
@@ -52,7 +61,7 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::run(config)) {
+    match runtime.block_on(crate::run_with(config, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "queue-proxy failed");

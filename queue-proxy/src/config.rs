@@ -75,6 +75,7 @@ pub const THAW_TLS_CERT_FILE: &str = "THAW_TLS_CERT_FILE";
 pub const THAW_TLS_KEY_FILE: &str = "THAW_TLS_KEY_FILE";
 pub const THAW_WORKER_THREADS: &str = "THAW_WORKER_THREADS";
 pub const THAW_AGGRESSIVE_PROBE_INTERVAL: &str = "THAW_AGGRESSIVE_PROBE_INTERVAL";
+pub use crate::listen_fds::THAW_LISTEN_FDS;
 
 /// Every variable the queue-proxy reads, in `--help` order.
 pub const VARS: &[Var] = &[
@@ -110,6 +111,7 @@ pub const VARS: &[Var] = &[
     opt(THAW_TLS_KEY_FILE, DEFAULT_KEY_PATH, "[thaw] TLS private key (PEM); re-read when it changes"),
     opt(THAW_WORKER_THREADS, "1", "[thaw] runtime threads; 1 = a single-threaded runtime, the best fit for a sidecar"),
     opt(THAW_AGGRESSIVE_PROBE_INTERVAL, "50ms", "[thaw] pace of readiness probes with periodSeconds 0 (Knative: 50ms); shorter picks up a starting app sooner"),
+    opt(THAW_LISTEN_FDS, "", "[thaw] listening sockets inherited from the parent as listener=fd pairs (serving, tls, admin, metrics, user-metrics), used instead of binding those ports"),
 ];
 
 /// A variable is missing or its value cannot be used.
@@ -156,6 +158,8 @@ pub struct Config {
     pub tls_key_file: PathBuf,
     pub worker_threads: Option<usize>,
     pub aggressive_probe_interval: Duration,
+    /// Listeners inherited from the parent process, by descriptor number.
+    pub listen_fds: Vec<(crate::listen_fds::Listener, std::os::fd::RawFd)>,
 }
 
 /// Reads variables from a map, naming the variable in every error.
@@ -398,6 +402,13 @@ impl Config {
                 }
                 d
             },
+            listen_fds: match env.optional(THAW_LISTEN_FDS) {
+                None => Vec::new(),
+                Some(v) => crate::listen_fds::parse(v).map_err(|problem| ConfigError::Invalid {
+                    var: THAW_LISTEN_FDS,
+                    problem,
+                })?,
+            },
         })
     }
 }
@@ -546,6 +557,8 @@ pub(crate) mod tests {
             (REVISION_RESPONSE_START_TIMEOUT_SECONDS, "31536001"),
             (REVISION_IDLE_TIMEOUT_SECONDS, "99999999999"),
             (THAW_DRAIN_QUIET_PERIOD, "9000h"),
+            (THAW_LISTEN_FDS, "serving=1"),
+            (THAW_LISTEN_FDS, "web=7"),
             (
                 SERVING_READINESS_PROBE,
                 "{\"tcpSocket\":{\"port\":\"http\"}}",

@@ -7,6 +7,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod inject;
+pub mod listen_fds;
 pub mod logging;
 pub mod metrics;
 pub mod server;
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::Config;
+use crate::listen_fds::Listener;
 use crate::metrics::{AutoscalerStats, UserMetrics};
 use crate::server::State;
 use thaw_shared::conn::Connection;
@@ -51,13 +53,67 @@ pub enum RunError {
     Metrics(#[from] prometheus::Error),
     #[error("signals: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Adopt(#[from] listen_fds::AdoptError),
+    #[error("the inherited {what} listener is on {bound}, not on the configured port {port}")]
+    InheritedPort {
+        what: &'static str,
+        bound: SocketAddr,
+        port: u16,
+    },
 }
 
-async fn bind(config: &Config, what: &'static str, port: u16) -> Result<TcpListener, RunError> {
+/// Listening sockets the parent bound for this queue-proxy (`THAW_LISTEN_FDS`).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    listeners: Vec<(Listener, std::net::TcpListener)>,
+}
+
+impl Inherited {
+    /// Takes over the descriptors `config` names. Call it before starting the runtime:
+    /// it briefly borrows standard input (see [`listen_fds`]).
+    pub fn adopt(config: &Config) -> Result<Self, RunError> {
+        Ok(Self {
+            listeners: listen_fds::adopt(&config.listen_fds)?,
+        })
+    }
+
+    fn take(&mut self, which: Listener) -> Option<std::net::TcpListener> {
+        let i = self.listeners.iter().position(|(l, _)| *l == which)?;
+        Some(self.listeners.swap_remove(i).1)
+    }
+}
+
+/// The listener for `which`: the inherited one if the parent passed it (it must be on the
+/// configured port, unless that is 0), else a fresh bind of the port.
+async fn bind(
+    config: &Config,
+    inherited: &mut Inherited,
+    which: Listener,
+    port: u16,
+) -> Result<TcpListener, RunError> {
+    let what = which.name();
     let addr = SocketAddr::new(config.listen_address, port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { what, addr, source })?;
+    let listener = match inherited.take(which) {
+        Some(std) => {
+            let listener = TcpListener::from_std(std).map_err(|source| RunError::Bind {
+                what,
+                addr,
+                source,
+            })?;
+            let bound =
+                listener
+                    .local_addr()
+                    .map_err(|source| RunError::Bind { what, addr, source })?;
+            if port != 0 && bound.port() != port {
+                return Err(RunError::InheritedPort { what, bound, port });
+            }
+            listener
+        }
+        None => TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { what, addr, source })?,
+    };
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!(listener = what, address = %bound, "listening");
     Ok(listener)
@@ -95,11 +151,22 @@ pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
 
 /// Runs the queue-proxy until it has drained after SIGTERM (or SIGINT).
 pub async fn run(config: Config) -> Result<(), RunError> {
+    run_with(config, Inherited::default()).await
+}
+
+/// [`run`], serving on the listeners the parent passed where it passed them.
+pub async fn run_with(config: Config, mut inherited: Inherited) -> Result<(), RunError> {
     let state = build_state(&config)?;
     let mut signals = Signals::install().map_err(RunError::Signals)?;
 
     // Every port is bound before anything serves, so a clash fails the start cleanly.
-    let serving = bind(&config, "serving", config.serving_port).await?;
+    let serving = bind(
+        &config,
+        &mut inherited,
+        Listener::Serving,
+        config.serving_port,
+    )
+    .await?;
     let tls = if certs_present(&config.tls_cert_file, &config.tls_key_file) {
         let certs = CertReloader::load(TlsSettings {
             cert_path: config.tls_cert_file.clone(),
@@ -107,13 +174,31 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             min_version: config.tls_min_version,
             max_version: config.tls_max_version,
         })?;
-        Some((bind(&config, "tls", config.tls_port).await?, certs))
+        Some((
+            bind(&config, &mut inherited, Listener::Tls, config.tls_port).await?,
+            certs,
+        ))
     } else {
         None
     };
-    let admin = bind(&config, "admin", config.admin_port).await?;
-    let metrics = bind(&config, "metrics", config.metrics_port).await?;
-    let user_metrics = bind(&config, "user-metrics", config.user_metrics_port).await?;
+    let admin = bind(&config, &mut inherited, Listener::Admin, config.admin_port).await?;
+    let metrics = bind(
+        &config,
+        &mut inherited,
+        Listener::Metrics,
+        config.metrics_port,
+    )
+    .await?;
+    let user_metrics = bind(
+        &config,
+        &mut inherited,
+        Listener::UserMetrics,
+        config.user_metrics_port,
+    )
+    .await?;
+    // An inherited TLS listener without certificates is not served; closing our copy
+    // leaves the port to the parent, which holds it for the pod.
+    drop(inherited);
 
     let builder = Arc::new(serve::http_builder(config.read_header_timeout));
     let (stop_traffic, traffic_stopped) = watch::channel(false);

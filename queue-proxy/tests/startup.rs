@@ -165,6 +165,24 @@ async fn unparsable_values_are_named_and_exit_64() {
 }
 
 #[tokio::test]
+async fn inherited_descriptors_that_are_not_listeners_fail_the_start() {
+    // Nothing is open at 900; the parser refuses standard error and unknown names.
+    for (value, expect) in [
+        ("serving=900", "serving descriptor 900"),
+        ("admin=2", "above 2"),
+        ("stats=5", "unknown listener"),
+    ] {
+        let (output, elapsed) = run_to_exit(&env_with(&[("THAW_LISTEN_FDS", value)]), &[]).await;
+        let message = config_error(&output, elapsed, value);
+        assert!(
+            message.starts_with("THAW_LISTEN_FDS: "),
+            "{value}: {message:?}"
+        );
+        assert!(message.contains(expect), "{value}: {message:?}");
+    }
+}
+
+#[tokio::test]
 async fn invalid_readiness_probes_fail_the_start() {
     let (output, elapsed) = run_to_exit(
         &env_with(&[("SERVING_READINESS_PROBE", r#"{"httpGet":{"port":"http"}}"#)]),

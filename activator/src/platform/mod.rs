@@ -6,6 +6,7 @@ pub mod knative;
 pub mod kubernetes;
 pub mod local;
 pub mod memory;
+pub mod ports;
 pub mod process;
 pub mod scrape;
 

@@ -1,5 +1,6 @@
 //! Running one pod of the local platform as processes: the app, and a real queue-proxy in
-//! front of it, on free loopback ports.
+//! front of it, on loopback ports no other pod can take ([`super::ports`]): the
+//! queue-proxy's sockets are bound here and inherited, the app's port is reserved.
 //!
 //! A [`Pod`] is supervised the way a kubelet looks after a pod: when either process exits
 //! on its own, the platform hears of it at once ([`PodEvent::Exited`]) and the process is
@@ -14,19 +15,24 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use thaw_queue_proxy::listen_fds::{self, Listener};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use super::ports::{AppPort, PodListeners};
 
 /// The first restart waits this long; each further one twice as long as the last.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
@@ -141,7 +147,7 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Picks free loopback ports and starts the app and its queue-proxy. Returns once
+    /// Binds the queue-proxy's ports, reserves the app's, and starts both. Returns once
     /// both are spawned (neither is ready yet). If either cannot be spawned, whatever did
     /// start is killed. `events` hears what later happens to the pod.
     pub async fn start(
@@ -152,17 +158,22 @@ impl Pod {
         if template.command.is_empty() {
             return Err(StartError::EmptyCommand);
         }
-        let [app, serving, tls, admin, metrics, user_metrics] =
-            free_ports().map_err(StartError::NoFreePort)?;
+        // Bound here and held for the pod's life (see `ports`): the queue-proxy inherits
+        // them, and no other pod can take them in between.
+        let listeners = PodListeners::bind().map_err(StartError::NoFreePort)?;
+        let app_port = AppPort::reserve().map_err(StartError::NoFreePort)?;
+        let port =
+            |l: &std::net::TcpListener| PodListeners::port(l).map_err(StartError::NoFreePort);
         let ports = PodPorts {
-            app,
-            serving: SocketAddr::from((Ipv4Addr::LOCALHOST, serving)),
-            admin,
-            metrics: SocketAddr::from((Ipv4Addr::LOCALHOST, metrics)),
-            user_metrics,
+            app: app_port.port(),
+            serving: SocketAddr::from((Ipv4Addr::LOCALHOST, port(&listeners.serving)?)),
+            admin: port(&listeners.admin)?,
+            metrics: SocketAddr::from((Ipv4Addr::LOCALHOST, port(&listeners.metrics)?)),
+            user_metrics: port(&listeners.user_metrics)?,
         };
+        let tls = port(&listeners.tls)?;
         let name: Arc<str> = format!("{}-{id}", template.revision).into();
-        let spawner = Spawner::new(template, &name, &ports, tls)?;
+        let spawner = Spawner::new(template, &name, &ports, tls, listeners, app_port)?;
         let pids = Arc::new(Mutex::new(Pids::default()));
 
         let mut app = Proc::new(Which::App, Arc::clone(&name), Arc::clone(&pids));
@@ -285,7 +296,18 @@ struct Spawner {
     queue_proxy_program: PathBuf,
     queue_proxy_args: Vec<String>,
     queue_proxy_env: Vec<(String, String)>,
+    /// The queue-proxy's sockets; every incarnation inherits them.
+    listeners: PodListeners,
+    /// Keeps the app's port from being handed to another pod while this one lives.
+    _app_port: AppPort,
 }
+
+/// Held while spawning. The queue-proxy inherits its listeners through descriptors whose
+/// close-on-exec flag is cleared just for the spawn; any process this one spawned at the
+/// same moment would inherit them too (an app holding another pod's listener would keep
+/// its port bound). Every spawn of the local platform takes this lock, and the activator
+/// spawns nothing else.
+static SPAWNING: Mutex<()> = Mutex::new(());
 
 impl Spawner {
     fn new(
@@ -293,6 +315,8 @@ impl Spawner {
         pod_name: &str,
         ports: &PodPorts,
         tls_port: u16,
+        listeners: PodListeners,
+        app_port: AppPort,
     ) -> Result<Self, StartError> {
         let (argv0, args) = template
             .command
@@ -316,10 +340,37 @@ impl Spawner {
             queue_proxy_program: template.queue_proxy.program.clone(),
             queue_proxy_args: template.queue_proxy.args.clone(),
             queue_proxy_env: queue_proxy_env(template, pod_name, ports, tls_port),
+            listeners,
+            _app_port: app_port,
         })
     }
 
+    /// Copies of the queue-proxy's listeners that a child inherits, and the
+    /// `THAW_LISTEN_FDS` value naming them. The copies are made without close-on-exec by
+    /// clearing the flag with `fcntl`, which needs no `unsafe` (unlike `dup2` in the child
+    /// between fork and exec, through `pre_exec`). The caller drops them after the spawn.
+    fn inheritable_listeners(&self) -> io::Result<(Vec<OwnedFd>, String)> {
+        let l = &self.listeners;
+        let mut fds = Vec::new();
+        let mut named = Vec::new();
+        for (which, listener) in [
+            (Listener::Serving, &l.serving),
+            (Listener::Tls, &l.tls),
+            (Listener::Admin, &l.admin),
+            (Listener::Metrics, &l.metrics),
+            (Listener::UserMetrics, &l.user_metrics),
+        ] {
+            let fd = listener.as_fd().try_clone_to_owned()?;
+            fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
+            named.push((which, fd.as_raw_fd()));
+            fds.push(fd);
+        }
+        Ok((fds, listen_fds::format(&named)))
+    }
+
     fn spawn(&self, which: Which) -> Result<Child, StartError> {
+        let _spawning = lock(&SPAWNING);
+        let mut inherited = Vec::new();
         let (mut command, shown) = match which {
             Which::App => {
                 let mut command = Command::new(&self.app_program);
@@ -332,12 +383,21 @@ impl Spawner {
                 (command, self.app_shown.clone())
             }
             Which::QueueProxy => {
+                let shown = self.queue_proxy_program.display().to_string();
+                let (fds, listen_fds) =
+                    self.inheritable_listeners()
+                        .map_err(|source| StartError::Spawn {
+                            program: shown.clone(),
+                            source,
+                        })?;
+                inherited = fds;
                 let mut command = Command::new(&self.queue_proxy_program);
                 command
                     .args(&self.queue_proxy_args)
                     .env_clear()
-                    .envs(self.queue_proxy_env.iter().cloned());
-                (command, self.queue_proxy_program.display().to_string())
+                    .envs(self.queue_proxy_env.iter().cloned())
+                    .env(listen_fds::THAW_LISTEN_FDS, listen_fds);
+                (command, shown)
             }
         };
         command
@@ -346,10 +406,13 @@ impl Spawner {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        command.spawn().map_err(|source| StartError::Spawn {
+        let child = command.spawn().map_err(|source| StartError::Spawn {
             program: shown,
             source,
-        })
+        });
+        // The child has its copies now; ours close before the lock is released.
+        drop(inherited);
+        child
     }
 }
 
@@ -439,19 +502,6 @@ fn resolve_program(argv0: &str, working_dir: Option<&Path>) -> PathBuf {
         Some(dir) if path.is_relative() && argv0.contains('/') => dir.join(path),
         _ => path.to_path_buf(),
     }
-}
-
-/// Distinct free loopback ports: all are bound at once, then released. Another process
-/// could take one before the pod binds it; the pod's process then exits and is retried.
-fn free_ports<const N: usize>() -> io::Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<io::Result<Vec<_>>>()?;
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr()?.port();
-    }
-    Ok(ports)
 }
 
 /// Sends `signal` to the process group led by `pid`. Errors (mostly "no such process":
