@@ -17,6 +17,7 @@ use thaw_shared::headers;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
+use crate::revision::RevisionId;
 use crate::throttler::Throttler;
 
 /// How often a not-yet-ready pod is probed.
@@ -53,11 +54,16 @@ pub enum ProbeError {
     Body,
     #[error("timed out")]
     Timeout,
+    #[error("answered for revision {0}")]
+    OtherRevision(String),
 }
 
 /// The activator's probe of a queue-proxy: `GET /healthz` with `K-Network-Probe: queue`;
-/// ready means `200` with body exactly `queue`.
-pub async fn probe_pod(addr: SocketAddr) -> Result<(), ProbeError> {
+/// ready means `200` with body exactly `queue`. A Thaw queue-proxy also names its
+/// revision (`Thaw-Revision`, [beyond]): a pod naming another revision than `revision` is
+/// never ready for it, so a reused address cannot send a request to the wrong revision.
+/// Knative's queue-proxy sends no such header, and is taken at its word.
+pub async fn probe_pod(addr: SocketAddr, revision: &RevisionId) -> Result<(), ProbeError> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(ProbeError::Connect)?;
@@ -72,6 +78,14 @@ pub async fn probe_pod(addr: SocketAddr) -> Result<(), ProbeError> {
         .map_err(|_| ProbeError::Body)?;
     let result = async {
         let resp = sender.send_request(req).await?;
+        if let Some(answered) = resp.headers().get(headers::THAW_REVISION) {
+            let expected = headers::revision_identity(&revision.namespace, &revision.name);
+            if answered.as_bytes() != expected.as_bytes() {
+                return Err(ProbeError::OtherRevision(
+                    String::from_utf8_lossy(answered.as_bytes()).into_owned(),
+                ));
+            }
+        }
         if resp.status() != StatusCode::OK {
             return Err(ProbeError::Status(resp.status()));
         }
@@ -210,9 +224,17 @@ async fn probe_until_ready(inner: Weak<Inner>, addr: SocketAddr) {
         None => return,
     };
     let mut waiters = throttler.subscribe_waiters();
+    let revision = throttler.revision().clone();
+    let mut warned = false;
     loop {
-        match tokio::time::timeout(schedule.timeout, probe_pod(addr)).await {
+        match tokio::time::timeout(schedule.timeout, probe_pod(addr, &revision)).await {
             Ok(Ok(())) => break,
+            Ok(Err(e @ ProbeError::OtherRevision(_))) => {
+                // A misrouting caught: worth saying once, not at every probe.
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(%addr, %revision, error = %e, "pod listed for this revision belongs to another; not using it");
+                }
+            }
             Ok(Err(e)) => tracing::trace!(%addr, error = %e, "pod not ready"),
             Err(_) => tracing::trace!(%addr, "pod probe timed out"),
         }
@@ -350,6 +372,62 @@ mod tests {
         backends.shutdown();
     }
 
+    /// A queue-proxy stand-in answering `200 queue`, with `Thaw-Revision` if given.
+    async fn answering_for(identity: Option<&'static str>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let mut resp = http::Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"queue"),
+                        ));
+                        if let Some(identity) = identity {
+                            resp.headers_mut().insert(
+                                headers::THAW_REVISION,
+                                http::HeaderValue::from_static(identity),
+                            );
+                        }
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_pod_answering_for_another_revision_is_never_ready() {
+        let rev = RevisionId::new("ns", "rev");
+        let other = answering_for(Some("ns/other")).await;
+        match probe_pod(other, &rev).await {
+            Err(ProbeError::OtherRevision(answered)) => assert_eq!(answered, "ns/other"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let other_namespace = answering_for(Some("elsewhere/rev")).await;
+        assert!(matches!(
+            probe_pod(other_namespace, &rev).await,
+            Err(ProbeError::OtherRevision(_))
+        ));
+        // Its own revision, or no claim at all (Knative's queue-proxy), is ready.
+        probe_pod(answering_for(Some("ns/rev")).await, &rev)
+            .await
+            .unwrap();
+        probe_pod(answering_for(None).await, &rev).await.unwrap();
+
+        // Through the backends: the pod is probed but never handed to the throttler.
+        let t = throttler();
+        let backends = Backends::new(Arc::clone(&t), ProbeSchedule::default());
+        backends.set_pods(&[other]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(t.ready_pods(), 0);
+        backends.shutdown();
+    }
+
     #[tokio::test]
     async fn probe_requires_the_exact_queue_body() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -365,13 +443,14 @@ mod tests {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
-        assert!(matches!(probe_pod(addr).await, Err(ProbeError::Body)));
+        let rev = RevisionId::new("ns", "rev");
+        assert!(matches!(probe_pod(addr, &rev).await, Err(ProbeError::Body)));
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
         assert!(matches!(
-            probe_pod(closed).await,
+            probe_pod(closed, &rev).await,
             Err(ProbeError::Connect(_))
         ));
     }

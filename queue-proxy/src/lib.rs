@@ -146,6 +146,11 @@ pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
         metrics: Arc::new(UserMetrics::new(config)?),
         autoscaler: AutoscalerStats::new(config),
         request_log: config.observability.request_log,
+        identity: http::HeaderValue::from_str(&thaw_shared::headers::revision_identity(
+            &config.namespace,
+            &config.revision,
+        ))
+        .ok(),
     }))
 }
 

@@ -35,6 +35,8 @@ pub struct State {
     pub metrics: Arc<UserMetrics>,
     pub autoscaler: AutoscalerStats,
     pub request_log: bool,
+    /// `Thaw-Revision` for health-check answers; `None` if the names cannot be a header.
+    pub identity: Option<HeaderValue>,
 }
 
 /// The user-traffic stack, outermost first.
@@ -159,8 +161,18 @@ fn bad_gateway(err: &ProxyError) -> Response<ResponseBody> {
 }
 
 /// CONTRACT §1.3.1: `503 shutting down` while draining, `400` for a probe not meant for
-/// the queue-proxy, else the app's readiness.
+/// the queue-proxy, else the app's readiness. Every answer names the revision
+/// (`Thaw-Revision`, [beyond]) so the prober can tell it reached the pod it meant to.
 async fn health_check(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+    let mut resp = health_answer(state, req).await;
+    if let Some(identity) = &state.identity {
+        resp.headers_mut()
+            .insert(headers::THAW_REVISION, identity.clone());
+    }
+    resp
+}
+
+async fn health_answer(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
     if state.drainer.is_draining() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }

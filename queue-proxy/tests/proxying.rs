@@ -26,7 +26,7 @@ async fn health_checks_answer_with_the_exact_bodies_and_codes() {
     )
     .await;
     assert_eq!((s, &b[..]), (StatusCode::OK, &b"queue"[..]));
-    let (s, _, b) = get_with(
+    let (s, h, b) = get_with(
         &url,
         &[
             ("User-Agent", "Knative-Activator-Probe"),
@@ -35,6 +35,8 @@ async fn health_checks_answer_with_the_exact_bodies_and_codes() {
     )
     .await;
     assert_eq!((s, &b[..]), (StatusCode::OK, &b"queue"[..]));
+    // [beyond] The answer names the revision, so the activator can tell whose pod it is.
+    assert_eq!(h["thaw-revision"], "default/hello-00001");
     let (s, _, b) = get_with(
         &url,
         &[

@@ -23,6 +23,16 @@ pub const KNATIVE_SERVING_NAMESPACE: HeaderName =
     HeaderName::from_static("knative-serving-namespace");
 /// Thaw's own: milliseconds a response waited for a cold start. [beyond]
 pub const THAW_COLD_START: HeaderName = HeaderName::from_static("thaw-cold-start");
+/// Thaw's own: the queue-proxy's answer to a health check names its revision as
+/// `<namespace>/<name>`, so that the activator never takes another revision's pod for
+/// this one's (a pod address reused, a port answered by a stranger). Nothing in
+/// Knative's probe carries the revision. [beyond]
+pub const THAW_REVISION: HeaderName = HeaderName::from_static("thaw-revision");
+
+/// The [`THAW_REVISION`] value for a revision.
+pub fn revision_identity(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

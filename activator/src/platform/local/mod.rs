@@ -588,9 +588,12 @@ const READY_PROBE_FAST_FOR: Duration = Duration::from_secs(5);
 /// the scale-up rate count it) and wakes the revision's loop. `first` logs the cold start.
 async fn watch_ready(rt: Weak<RevisionRuntime>, pod: u64, serving: SocketAddr, first: bool) {
     let started = Instant::now();
+    let Some(revision) = rt.upgrade().map(|rt| rt.spec.id.clone()) else {
+        return;
+    };
     loop {
         if let Ok(Ok(())) =
-            tokio::time::timeout(Duration::from_millis(300), probe_pod(serving)).await
+            tokio::time::timeout(Duration::from_millis(300), probe_pod(serving, &revision)).await
         {
             break;
         }
