@@ -62,8 +62,9 @@ pub enum ProbeError {
 /// ready means `200` with body exactly `queue`. A Thaw queue-proxy also names its
 /// revision (`Thaw-Revision`, [beyond]): a pod naming another revision than `revision` is
 /// never ready for it, so a reused address cannot send a request to the wrong revision.
-/// Knative's queue-proxy sends no such header, and is taken at its word.
-pub async fn probe_pod(addr: SocketAddr, revision: &RevisionId) -> Result<(), ProbeError> {
+/// Knative's queue-proxy sends no such header, and is taken at its word; so is any pod
+/// when `revision` is `None` (the platform cannot vouch for the names its pods were given).
+pub async fn probe_pod(addr: SocketAddr, revision: Option<&RevisionId>) -> Result<(), ProbeError> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(ProbeError::Connect)?;
@@ -78,7 +79,9 @@ pub async fn probe_pod(addr: SocketAddr, revision: &RevisionId) -> Result<(), Pr
         .map_err(|_| ProbeError::Body)?;
     let result = async {
         let resp = sender.send_request(req).await?;
-        if let Some(answered) = resp.headers().get(headers::THAW_REVISION) {
+        if let (Some(revision), Some(answered)) =
+            (revision, resp.headers().get(headers::THAW_REVISION))
+        {
             let expected = headers::revision_identity(&revision.namespace, &revision.name);
             if answered.as_bytes() != expected.as_bytes() {
                 return Err(ProbeError::OtherRevision(
@@ -112,6 +115,8 @@ struct Inner {
     pods: Mutex<HashMap<SocketAddr, Pod>>,
     /// Whether the first response after the revision last had no ready pod was logged.
     cold_start_logged: AtomicBool,
+    /// Whether a pod must not answer for another revision (`RevisionSpec::verify_pod_identity`).
+    verify_identity: AtomicBool,
     throttler: Arc<Throttler>,
     schedule: ProbeSchedule,
 }
@@ -128,6 +133,7 @@ impl Backends {
             inner: Arc::new(Inner {
                 pods: Mutex::new(HashMap::new()),
                 cold_start_logged: AtomicBool::new(true),
+                verify_identity: AtomicBool::new(false),
                 throttler,
                 schedule,
             }),
@@ -180,6 +186,11 @@ impl Backends {
         self.publish(&map);
     }
 
+    /// Refuse pods that answer for another revision from the next probe on.
+    pub fn verify_identity(&self, on: bool) {
+        self.inner.verify_identity.store(on, Ordering::Relaxed);
+    }
+
     pub fn ready(&self) -> usize {
         self.lock().values().filter(|p| p.ready).count()
     }
@@ -219,15 +230,18 @@ impl Backends {
 }
 
 async fn probe_until_ready(inner: Weak<Inner>, addr: SocketAddr) {
-    let (throttler, schedule) = match inner.upgrade() {
-        Some(i) => (Arc::clone(&i.throttler), i.schedule),
-        None => return,
+    let Some(me) = inner.upgrade() else {
+        return;
     };
+    let (throttler, schedule) = (Arc::clone(&me.throttler), me.schedule);
+    let verify = me.verify_identity.load(Ordering::Relaxed);
+    drop(me);
     let mut waiters = throttler.subscribe_waiters();
     let revision = throttler.revision().clone();
     let mut warned = false;
     loop {
-        match tokio::time::timeout(schedule.timeout, probe_pod(addr, &revision)).await {
+        let expected = verify.then_some(&revision);
+        match tokio::time::timeout(schedule.timeout, probe_pod(addr, expected)).await {
             Ok(Ok(())) => break,
             Ok(Err(e @ ProbeError::OtherRevision(_))) => {
                 // A misrouting caught: worth saying once, not at every probe.
@@ -404,24 +418,29 @@ mod tests {
     async fn a_pod_answering_for_another_revision_is_never_ready() {
         let rev = RevisionId::new("ns", "rev");
         let other = answering_for(Some("ns/other")).await;
-        match probe_pod(other, &rev).await {
+        match probe_pod(other, Some(&rev)).await {
             Err(ProbeError::OtherRevision(answered)) => assert_eq!(answered, "ns/other"),
             other => panic!("expected a refusal, got {other:?}"),
         }
         let other_namespace = answering_for(Some("elsewhere/rev")).await;
         assert!(matches!(
-            probe_pod(other_namespace, &rev).await,
+            probe_pod(other_namespace, Some(&rev)).await,
             Err(ProbeError::OtherRevision(_))
         ));
         // Its own revision, or no claim at all (Knative's queue-proxy), is ready.
-        probe_pod(answering_for(Some("ns/rev")).await, &rev)
+        probe_pod(answering_for(Some("ns/rev")).await, Some(&rev))
             .await
             .unwrap();
-        probe_pod(answering_for(None).await, &rev).await.unwrap();
+        probe_pod(answering_for(None).await, Some(&rev))
+            .await
+            .unwrap();
+        // A platform that cannot vouch for its pods' names does not check them.
+        probe_pod(other, None).await.unwrap();
 
         // Through the backends: the pod is probed but never handed to the throttler.
         let t = throttler();
         let backends = Backends::new(Arc::clone(&t), ProbeSchedule::default());
+        backends.verify_identity(true);
         backends.set_pods(&[other]);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(t.ready_pods(), 0);
@@ -444,13 +463,16 @@ mod tests {
                 .await;
         });
         let rev = RevisionId::new("ns", "rev");
-        assert!(matches!(probe_pod(addr, &rev).await, Err(ProbeError::Body)));
+        assert!(matches!(
+            probe_pod(addr, Some(&rev)).await,
+            Err(ProbeError::Body)
+        ));
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
         assert!(matches!(
-            probe_pod(closed, &rev).await,
+            probe_pod(closed, Some(&rev)).await,
             Err(ProbeError::Connect(_))
         ));
     }

@@ -47,6 +47,12 @@ pub struct RevisionSpec {
     pub timeouts: Timeouts,
     /// `Host` values routed to this revision, for platforms that declare hosts.
     pub hosts: Vec<String>,
+    /// The platform vouches that a pod's queue-proxy is given this revision's exact name
+    /// and namespace (Knative's controller does, and so does the local platform for the
+    /// pods it runs), so a pod answering for another revision (`Thaw-Revision`) is
+    /// refused. Off where the names may differ: queue-proxies someone else runs, and
+    /// sidecars injected on plain Kubernetes.
+    pub verify_pod_identity: bool,
 }
 
 /// A revision the activator serves: its settings and the machinery behind it. Settings
@@ -229,6 +235,7 @@ impl Registry {
             Some(old) => {
                 old.throttler
                     .set_container_concurrency(spec.container_concurrency);
+                old.backends.verify_identity(spec.verify_pod_identity);
                 Revision {
                     spec,
                     throttler: Arc::clone(&old.throttler),
@@ -251,8 +258,10 @@ impl Registry {
                     throttler.update_activators(activators, self.settings.own_ip);
                 }
                 tracing::info!(revision = %spec.id, cc = spec.container_concurrency, "revision added");
+                let backends = Backends::new(Arc::clone(&throttler), self.settings.probes);
+                backends.verify_identity(spec.verify_pod_identity);
                 Revision {
-                    backends: Backends::new(Arc::clone(&throttler), self.settings.probes),
+                    backends,
                     metrics: self.metrics.revision(&spec.id),
                     throttler,
                     spec,

@@ -331,3 +331,30 @@ async fn stopping_the_activator_leaves_no_process_behind() {
         assert!(!alive(pid), "process {pid} outlived the activator");
     }
 }
+
+#[tokio::test]
+async fn an_activator_killed_outright_takes_its_pods_with_it() {
+    // SIGKILL runs no cleanup in the activator: only the kernel's parent-death signal
+    // (setpriv, and the queue-proxy's own THAW_PARENT_PID) can end the pods.
+    if !thaw_shared::lifeline::available() {
+        eprintln!("skipping: setpriv (util-linux) with --pdeathsig is not installed");
+        return;
+    }
+    let yaml = config(&[revision("hello", "hello.local", "    minScale: 1\n")]);
+    let mut act = start(&yaml).await;
+    eventually("one pod", || async { pod_pids(&act).len() == 2 }).await;
+    assert_eq!(get_host(&act, "/", "hello.local").await.0, StatusCode::OK);
+    let pids = pod_pids(&act);
+    assert!(pids.iter().all(|p| alive(*p)));
+    act.signal("KILL");
+    act.wait_exit(Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "pod processes outlived the activator by 5 s: {:?}",
+            pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -52,7 +52,7 @@ fn temp_dir(name: &str) -> TempDir {
 
 /// The webhook binary with no cluster anywhere in its environment.
 fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("activator"));
+    let mut cmd = thaw_benches::harness::child(bin("activator"));
     cmd.arg("webhook")
         .args(args)
         .env("KUBECONFIG", "/nonexistent/kubeconfig")

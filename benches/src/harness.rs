@@ -3,6 +3,11 @@
 //!
 //! This is test support: it panics with a clear message when something it starts
 //! misbehaves, which is what a test wants.
+//!
+//! Every child is started through [`child`]: `kill_on_drop` covers a test that ends or
+//! panics, and `PR_SET_PDEATHSIG` (`thaw_shared::lifeline`) a test binary killed outright,
+//! so nothing a test starts outlives it. The signal follows the spawning thread: a test's
+//! own thread, or its runtime's workers, both of which last as long as the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -20,6 +25,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+
+/// A command for `program` that dies with the test (see the module doc).
+pub fn child(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = thaw_shared::lifeline::command(program);
+    command.kill_on_drop(true);
+    command
+}
 
 /// Generous bound for anything that should happen "soon" on a busy 2-core machine.
 pub const EVENTUALLY: Duration = Duration::from_secs(15);
@@ -77,7 +89,7 @@ pub struct App {
 
 impl App {
     pub async fn start(args: &[&str]) -> App {
-        let mut child = Command::new(testapp_path())
+        let mut child = child(testapp_path())
             .args(["--port", "0"])
             .args(args)
             .stdout(Stdio::piped())
@@ -244,7 +256,7 @@ impl QueueProxy {
     }
 
     pub async fn start_with_env(env: HashMap<String, String>) -> QueueProxy {
-        let mut cmd = Command::new(bin("queue-proxy"));
+        let mut cmd = child(bin("queue-proxy"));
         cmd.env_clear().envs(env);
         let process = Logged::spawn(
             &mut cmd,
@@ -422,7 +434,7 @@ impl Activator {
     /// Starts an activator with these flags and extra environment, on loopback with
     /// ephemeral ports (no platform config file: pass `--platform`).
     pub async fn start_with(flags: &[&str], env: &[(&str, &str)]) -> Activator {
-        let mut cmd = Command::new(bin("activator"));
+        let mut cmd = child(bin("activator"));
         cmd.args([
             "--listen-address",
             "127.0.0.1",

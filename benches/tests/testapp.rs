@@ -26,7 +26,7 @@ struct App {
 }
 
 fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thaw-testapp"));
+    let mut cmd = thaw_benches::harness::child(env!("CARGO_BIN_EXE_thaw-testapp"));
     cmd.args(args)
         .env_remove("PORT")
         .env_remove("SLOW_START_MS")

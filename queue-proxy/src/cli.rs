@@ -40,6 +40,13 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The local platform's activator started us: die with it, and not start without it.
+    if let Some(parent) = config.parent_pid {
+        if let Err(e) = thaw_shared::lifeline::die_with_parent(parent) {
+            eprintln!("queue-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     // Before the runtime exists, so no other thread sees standard input borrowed. A
     // descriptor that is not a listener is a bad THAW_LISTEN_FDS, like any bad variable.
     let inherited = match crate::Inherited::adopt(&config) {

@@ -76,6 +76,7 @@ pub const THAW_TLS_KEY_FILE: &str = "THAW_TLS_KEY_FILE";
 pub const THAW_WORKER_THREADS: &str = "THAW_WORKER_THREADS";
 pub const THAW_AGGRESSIVE_PROBE_INTERVAL: &str = "THAW_AGGRESSIVE_PROBE_INTERVAL";
 pub use crate::listen_fds::THAW_LISTEN_FDS;
+pub use thaw_shared::lifeline::THAW_PARENT_PID;
 
 /// Every variable the queue-proxy reads, in `--help` order.
 pub const VARS: &[Var] = &[
@@ -112,6 +113,7 @@ pub const VARS: &[Var] = &[
     opt(THAW_WORKER_THREADS, "1", "[thaw] runtime threads; 1 = a single-threaded runtime, the best fit for a sidecar"),
     opt(THAW_AGGRESSIVE_PROBE_INTERVAL, "50ms", "[thaw] pace of readiness probes with periodSeconds 0 (Knative: 50ms); shorter picks up a starting app sooner"),
     opt(THAW_LISTEN_FDS, "", "[thaw] listening sockets inherited from the parent as listener=fd pairs (serving, tls, admin, metrics, user-metrics), used instead of binding those ports"),
+    opt(THAW_PARENT_PID, "", "[thaw] pid of the process that started this one (the local platform's activator): the queue-proxy is killed when it dies, and does not start if it is gone"),
 ];
 
 /// A variable is missing or its value cannot be used.
@@ -160,6 +162,8 @@ pub struct Config {
     pub aggressive_probe_interval: Duration,
     /// Listeners inherited from the parent process, by descriptor number.
     pub listen_fds: Vec<(crate::listen_fds::Listener, std::os::fd::RawFd)>,
+    /// The process this one must not outlive.
+    pub parent_pid: Option<i32>,
 }
 
 /// Reads variables from a map, naming the variable in every error.
@@ -402,6 +406,17 @@ impl Config {
                 }
                 d
             },
+            parent_pid: env
+                .optional(THAW_PARENT_PID)
+                .map(|v| {
+                    thaw_shared::lifeline::parse_parent_pid(v).map_err(|problem| {
+                        ConfigError::Invalid {
+                            var: THAW_PARENT_PID,
+                            problem,
+                        }
+                    })
+                })
+                .transpose()?,
             listen_fds: match env.optional(THAW_LISTEN_FDS) {
                 None => Vec::new(),
                 Some(v) => crate::listen_fds::parse(v).map_err(|problem| ConfigError::Invalid {
@@ -559,6 +574,7 @@ pub(crate) mod tests {
             (THAW_DRAIN_QUIET_PERIOD, "9000h"),
             (THAW_LISTEN_FDS, "serving=1"),
             (THAW_LISTEN_FDS, "web=7"),
+            (THAW_PARENT_PID, "1"),
             (
                 SERVING_READINESS_PROBE,
                 "{\"tcpSocket\":{\"port\":\"http\"}}",

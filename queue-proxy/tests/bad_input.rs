@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::StatusCode;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// A queue-proxy whose stdout *and* stderr are captured: a panic message goes to stderr,
 /// which `common::QueueProxy` leaves inherited.
@@ -32,7 +32,7 @@ impl Qp {
         for (k, v) in overrides {
             env.insert((*k).to_owned(), (*v).to_owned());
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_queue-proxy"))
+        let mut child = child(env!("CARGO_BIN_EXE_queue-proxy"))
             .env_clear()
             .envs(env)
             .stdout(Stdio::piped())

@@ -17,7 +17,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use prost::Message;
 use thaw_shared::proto::Stat;
-use tokio::process::Command;
 
 const REQUIRED: [&str; 12] = [
     "CONTAINER_CONCURRENCY",
@@ -50,7 +49,7 @@ const OPTIONAL: [&str; 10] = [
 /// Runs the binary with exactly `env` (nothing inherited) and waits for it to exit.
 async fn run_to_exit(env: &HashMap<String, String>, args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_queue-proxy"))
+    let child = child(env!("CARGO_BIN_EXE_queue-proxy"))
         .env_clear()
         .envs(env)
         .args(args)
@@ -123,7 +122,7 @@ async fn each_missing_required_variable_is_named_and_exits_64() {
         ("SERVING_LOGGING_CONFIG", ""),
         ("SERVING_LOGGING_LEVEL", ""),
     ]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_queue-proxy"))
+    let mut child = child(env!("CARGO_BIN_EXE_queue-proxy"))
         .env_clear()
         .envs(&env)
         .stdout(Stdio::null())

@@ -12,6 +12,7 @@ pub mod drain;
 pub mod duration;
 pub mod framing;
 pub mod headers;
+pub mod lifeline;
 pub mod limits;
 pub mod logging;
 pub mod names;

@@ -129,6 +129,7 @@ mod tests {
             container_concurrency: 1,
             timeouts: Timeouts::default(),
             hosts: vec![],
+            verify_pod_identity: false,
         }
     }
 

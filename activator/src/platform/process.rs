@@ -12,6 +12,15 @@
 //! does not reach the pods behind its back (the activator stops them in order), and so
 //! whatever an app forks (a shell wrapper's child, worker processes) is signalled and
 //! cleaned up with it.
+//!
+//! An activator killed outright (SIGKILL, the OOM killer) runs no cleanup, so both
+//! processes are also started to die with it (`PR_SET_PDEATHSIG`, through `setpriv`: see
+//! `thaw_shared::lifeline`), and the queue-proxy sets it again itself (`THAW_PARENT_PID`).
+//! The kernel ties that signal to the spawning *thread*: pods are spawned from the
+//! runtime's worker threads (or the main thread of a current-thread runtime), which live
+//! as long as the runtime, and never from `spawn_blocking`. What an app forks in turn is
+//! not covered: it is killed with the app's group when the activator stops normally, but
+//! survives an activator killed outright unless it watches its own parent.
 
 use std::collections::VecDeque;
 use std::io;
@@ -26,8 +35,9 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use thaw_queue_proxy::listen_fds::{self, Listener};
+use thaw_shared::lifeline;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -345,6 +355,40 @@ impl Spawner {
         })
     }
 
+    /// The program to run, looked up as `execvp` would (a name in `PATH`, a path as it
+    /// is). Spawning through `setpriv` (`lifeline`) would otherwise turn a missing
+    /// program into a child that exits 127, restarted forever, instead of the clear
+    /// start error that fails the waiting requests at once.
+    fn executable(
+        &self,
+        program: &Path,
+        shown: &str,
+        path: Option<&std::ffi::OsStr>,
+    ) -> Result<PathBuf, StartError> {
+        if program.to_string_lossy().contains('/') {
+            return check_executable(program).map_err(|source| StartError::Spawn {
+                program: shown.to_owned(),
+                source,
+            });
+        }
+        let inherited = std::env::var_os("PATH");
+        let path = path.or(inherited.as_deref()).unwrap_or_default();
+        let mut last = io::Error::from(nix::errno::Errno::ENOENT);
+        for dir in std::env::split_paths(path) {
+            let candidate = dir.join(program);
+            match check_executable(&candidate) {
+                Ok(found) => return Ok(found),
+                // Like execvp: a match that cannot run is remembered, the search goes on.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => last = e,
+                Err(_) => {}
+            }
+        }
+        Err(StartError::Spawn {
+            program: shown.to_owned(),
+            source: last,
+        })
+    }
+
     /// Copies of the queue-proxy's listeners that a child inherits, and the
     /// `THAW_LISTEN_FDS` value naming them. The copies are made without close-on-exec by
     /// clearing the flag with `fcntl`, which needs no `unsafe` (unlike `dup2` in the child
@@ -373,7 +417,16 @@ impl Spawner {
         let mut inherited = Vec::new();
         let (mut command, shown) = match which {
             Which::App => {
-                let mut command = Command::new(&self.app_program);
+                let program = self.executable(
+                    &self.app_program,
+                    &self.app_shown,
+                    self.app_env
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| k == "PATH")
+                        .map(|(_, v)| std::ffi::OsStr::new(v)),
+                )?;
+                let mut command = lifeline::command(program);
                 command
                     .args(&self.app_args)
                     .envs(self.app_env.iter().cloned());
@@ -391,12 +444,21 @@ impl Spawner {
                             source,
                         })?;
                 inherited = fds;
-                let mut command = Command::new(&self.queue_proxy_program);
+                let path = self
+                    .queue_proxy_env
+                    .iter()
+                    .find(|(k, _)| k == "PATH")
+                    .map(|(_, v)| std::ffi::OsStr::new(v));
+                let program = self.executable(&self.queue_proxy_program, &shown, path)?;
+                let mut command = lifeline::command(program);
                 command
                     .args(&self.queue_proxy_args)
                     .env_clear()
                     .envs(self.queue_proxy_env.iter().cloned())
-                    .env(listen_fds::THAW_LISTEN_FDS, listen_fds);
+                    .env(listen_fds::THAW_LISTEN_FDS, listen_fds)
+                    // Our queue-proxy also asks for the signal itself, which covers a
+                    // machine without setpriv and an activator that died mid-spawn.
+                    .env(lifeline::THAW_PARENT_PID, std::process::id().to_string());
                 (command, shown)
             }
         };
@@ -502,6 +564,16 @@ fn resolve_program(argv0: &str, working_dir: Option<&Path>) -> PathBuf {
         Some(dir) if path.is_relative() && argv0.contains('/') => dir.join(path),
         _ => path.to_path_buf(),
     }
+}
+
+/// `path` if it is a file someone may execute: else ENOENT or EACCES, as exec reports.
+fn check_executable(path: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(io::Error::from(nix::errno::Errno::EACCES));
+    }
+    Ok(path.to_path_buf())
 }
 
 /// Sends `signal` to the process group led by `pid`. Errors (mostly "no such process":

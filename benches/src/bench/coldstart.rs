@@ -12,7 +12,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use thaw_benches::harness::{self, Activator, QueueProxy};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 
 use super::{activator_metric, progress, spread, static_revision_yaml, Ctx, Section, Table};
 
@@ -112,7 +111,7 @@ async fn one(n: usize, variant: usize) -> Result<Run, String> {
 
     // Start the app; it binds SLOW_START_MS later. Watch for that instant.
     let watcher = watch_listen(app_addr, harness::EVENTUALLY);
-    let mut app = Command::new(harness::bin("thaw-testapp"))
+    let mut app = harness::child(harness::bin("thaw-testapp"))
         .args([
             "--port",
             &app_port.to_string(),

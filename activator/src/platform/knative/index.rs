@@ -163,6 +163,8 @@ pub fn revision_spec(object: &DynamicObject) -> Result<(RevisionSpec, &'static s
             container_concurrency: cc,
             timeouts: Timeouts::from_secs(total, response_start, idle),
             hosts: Vec::new(),
+            // Knative's controller gives the sidecar the Revision's own name and namespace.
+            verify_pod_identity: true,
         },
         port_name(spec),
     ))

@@ -82,6 +82,9 @@ impl Function {
             container_concurrency: self.settings.container_concurrency,
             timeouts: self.settings.timeouts,
             hosts: self.settings.hosts.clone(),
+            // An injected sidecar's names come from the pod and its owners, which need
+            // not be the Deployment's: not checked.
+            verify_pod_identity: false,
         }
     }
 

@@ -360,6 +360,9 @@ fn revision(path: &str, v: &Value) -> Result<LocalRevision> {
             container_concurrency: cc,
             timeouts,
             hosts,
+            // The platform names the queue-proxies it runs; those given as endpoints
+            // may be named anything (deploy/local/queue-proxy-demo.sh says hello-00001).
+            verify_pod_identity: matches!(source, PodSource::Command { .. }),
         },
         source,
         min_scale,

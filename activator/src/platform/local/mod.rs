@@ -592,8 +592,11 @@ async fn watch_ready(rt: Weak<RevisionRuntime>, pod: u64, serving: SocketAddr, f
         return;
     };
     loop {
-        if let Ok(Ok(())) =
-            tokio::time::timeout(Duration::from_millis(300), probe_pod(serving, &revision)).await
+        if let Ok(Ok(())) = tokio::time::timeout(
+            Duration::from_millis(300),
+            probe_pod(serving, Some(&revision)),
+        )
+        .await
         {
             break;
         }
