@@ -358,3 +358,75 @@ async fn an_activator_killed_outright_takes_its_pods_with_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn an_app_that_never_listens_gets_bounded_pods_and_its_requests_a_timeout() {
+    // The class from issue 11: requests parked on an app that never binds its port. Knative's
+    // KPA scales up from *ready* pods only, and the machine holds a limited number, so the
+    // pods started stay bounded; ports are never taken twice; and no request is answered by
+    // another revision's pod (a healthy one runs beside it).
+    let stuck = revision(
+        "stuck",
+        "stuck.local",
+        "    containerConcurrency: 1\n    timeoutSeconds: 4\n",
+    )
+    .replace(
+        &format!(
+            "    command: [{:?}]\n",
+            bin("thaw-testapp").display().to_string()
+        ),
+        "    command: [\"sleep\", \"600\"]\n",
+    )
+    .replace("    timeoutSeconds: 30\n", "");
+    let yaml = config(&[stuck, revision("hello", "hello.local", "    minScale: 1\n")]);
+    let act = Activator::start(
+        &yaml,
+        &[
+            "--pod-quiet-period",
+            "300ms",
+            "--drain-period",
+            "1s",
+            "--max-local-pods",
+            "6",
+        ],
+    )
+    .await;
+    eventually("hello's pod", || async {
+        get_host(&act, "/", "hello.local").await.0 == StatusCode::OK
+    })
+    .await;
+
+    let client = http1_client();
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let client = client.clone();
+            let url = act.url("/");
+            tokio::spawn(async move {
+                let req = http::Request::get(&url)
+                    .header("host", "stuck.local")
+                    .body(Default::default())
+                    .unwrap();
+                send(&client, req).await.0
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    // Every request timed out waiting for a pod: none was lost, none answered by a process
+    // that is not its revision's (200 from hello, 404 from a stranger), none a 502 from a
+    // pod that lost its port.
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![StatusCode::GATEWAY_TIMEOUT],
+        "{statuses:?}"
+    );
+    // hello's one pod, and at most 5 more for stuck (the machine's limit of 6).
+    let pods = pod_pids(&act).len() / 2;
+    assert!(pods <= 6, "started {pods} pods with --max-local-pods 6");
+    assert!(pods >= 2, "stuck must have been tried: {pods} pods");
+    assert!(logged(&act, "--max-local-pods"), "the limit is logged");
+    assert!(!logged(&act, "Address already in use"));
+    assert_eq!(get_host(&act, "/", "hello.local").await.0, StatusCode::OK);
+}
