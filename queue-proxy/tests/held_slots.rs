@@ -164,7 +164,7 @@ async fn out_of_file_descriptors_the_server_neither_spins_nor_locks_clients_out(
     let mut env: HashMap<String, String> = knative_env(app.port());
     env.insert("THAW_READ_HEADER_TIMEOUT".into(), "2s".into());
     // 64 descriptors, hard and soft, so the queue-proxy cannot raise them.
-    let mut child = tokio::process::Command::new("prlimit")
+    let mut child = child("prlimit")
         .args(["--nofile=64:64", "--"])
         .arg(bin("queue-proxy"))
         .env_clear()
