@@ -236,7 +236,7 @@ fn sh(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn header(ctx: &Ctx) -> String {
+fn header(ctx: &Ctx, cmd: Cmd) -> String {
     let nproc = sh("nproc", &[]).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or("?".to_owned(), |n| n.get().to_string())
     });
@@ -262,6 +262,22 @@ fn header(ctx: &Ctx) -> String {
         "not found: its rows are skipped (apt-get install nginx)".to_owned(),
         |p| format!("{} ({})", bench::nginx::version(p), p.display()),
     );
+    let settings = match cmd {
+        // The soak has no measurement windows or repetitions: one long run, seeded.
+        Cmd::Soak { seed } => format!(
+            "one run of {}, seed {seed}",
+            bench::proxies::humantime(ctx.duration)
+        ),
+        _ => format!(
+            "duration {}, warm-up {}, {} repetition(s), connections {:?}{}; each measurement waits up to {} for other processes to use < 0.15 cores",
+            bench::proxies::humantime(ctx.duration),
+            bench::proxies::humantime(ctx.warmup),
+            ctx.reps,
+            ctx.connections,
+            if ctx.smoke { " (--smoke)" } else { "" },
+            bench::proxies::humantime(ctx.quiet_wait),
+        ),
+    };
     let load_threads = ctx.load_threads;
     let scheduler = match ctx.load_scheduler {
         Scheduler::MultiThread => "a multi-threaded tokio runtime",
@@ -273,7 +289,7 @@ fn header(ctx: &Ctx) -> String {
          - date: {date}\n\
          - machine: nproc {nproc}, CPU {cpu}, kernel {kernel}\n\
          - build: {build}; binaries from `{}`\n\
-         - settings: duration {}, warm-up {}, {} repetition(s), connections {:?}{}; each measurement waits up to {} for other processes to use < 0.15 cores\n\
+         - settings: {settings}\n\
          - test app: {}\n\
          - load generator: in-tree, raw HTTP/1.1 client (request bytes built once, responses parsed with httparse), one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
          - queue-proxy and activator: their default runtimes (worker threads = CPUs available)\n\
@@ -281,12 +297,6 @@ fn header(ctx: &Ctx) -> String {
          - everything (generator, proxies, app) runs on this one machine over loopback and shares its cores\n",
         args.join(" "),
         dir.display(),
-        bench::proxies::humantime(ctx.duration),
-        bench::proxies::humantime(ctx.warmup),
-        ctx.reps,
-        ctx.connections,
-        if ctx.smoke { " (--smoke)" } else { "" },
-        bench::proxies::humantime(ctx.quiet_wait),
         bench::misc::app_desc(ctx),
     )
 }
@@ -420,7 +430,7 @@ fn main() -> ExitCode {
     };
     let started = Instant::now();
     let ctx = Arc::new(ctx);
-    let mut report = header(&ctx);
+    let mut report = header(&ctx, cli.command);
     println!("{report}");
     let mut failures = Vec::new();
     for cmd in commands {

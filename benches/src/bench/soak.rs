@@ -982,6 +982,18 @@ enum Load {
     HangUp,
 }
 
+impl Load {
+    fn label(self) -> &'static str {
+        match self {
+            Load::Short => "short-request clients",
+            Load::Stream => "streaming clients",
+            Load::Websocket => "websocket clients",
+            Load::Slow => "slow clients (half slow senders, half slow readers)",
+            Load::HangUp => "clients that hang up (one in five on a websocket)",
+        }
+    }
+}
+
 /// Workers per role: a load two shared cores can carry alongside the processes under test.
 const WORKERS: &[(Load, usize)] = &[
     (Load::Short, 6),
@@ -1813,15 +1825,16 @@ fn render(
         .map(|r| format!("{} ({})", r.name, r.about))
         .collect();
     section.line(&format!(
-        "Revisions: {}; all with `stableWindow: 10s`, `scaleToZeroGracePeriod: 5s`, `timeoutSeconds: {REVISION_TIMEOUT_S}`, the app `thaw-testapp {}`. Chaos acts every 2–10 s (after the first 10 s): a kill of a random app or queue-proxy process (6 in 20 each; SIGKILL, so the platform restarts it with backoff), a burst (5 in 20), or a quiet spell for one revision (3 in 20). Load: {}.\n",
+        "Revisions: {}; all with `stableWindow: 10s`, `scaleToZeroGracePeriod: 5s`, `timeoutSeconds: {REVISION_TIMEOUT_S}`, the app `thaw-testapp {}`. Chaos acts every {} s (after the first {} s): a kill of a random app or queue-proxy process (6 in 20 each; SIGKILL, so the platform restarts it with backoff), a burst (5 in 20), or a quiet spell for one revision (3 in 20). Load: {}.\n",
         revs.join(", "),
         ctx.app_args().join(" "),
+        if ctx.smoke { "1–3" } else { "2–10" },
+        if ctx.smoke { 2 } else { 10 },
         WORKERS
             .iter()
-            .map(|(r, n)| format!("{n} {r:?}"))
+            .map(|(r, n)| format!("{n} {}", r.label()))
             .collect::<Vec<_>>()
-            .join(", ")
-            .to_lowercase(),
+            .join(", "),
     ));
     let exits: Vec<String> = log.exits.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
     let warns: Vec<String> = log
