@@ -1895,3 +1895,96 @@ fn render(
     section.line(&t.render());
     section.line("VmRSS from `/proc/PID/status`. Pods are counted as running queue-proxy processes (a pod being drained still counts), apps as running test-app processes; a killed process is absent until restarted.\n");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `wire` as a body, `step` bytes at a time.
+    async fn body_of(wire: &[u8], framing: Framing, step: usize) -> BodyEnd {
+        let mut rd = wire;
+        let mut buf = BytesMut::new();
+        let pace = ReadPace {
+            step,
+            every: Duration::ZERO,
+            hang_up_after: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        read_body(&mut rd, &mut buf, framing, pace, deadline).await
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_end_at_the_last_chunk_whatever_the_reads() {
+        let wire = b"5\r\nhello\r\n3;ext=1\r\n abc\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for step in [1, 2, 3, 7, 64] {
+            match body_of(wire, Framing::Chunked, step).await {
+                BodyEnd::Complete(n) => assert_eq!(n, 8, "step {step}"),
+                _ => panic!("step {step}: not complete"),
+            }
+        }
+        match body_of(b"5\r\nhello\r\n0\r\n\r\n", Framing::Chunked, 4).await {
+            BodyEnd::Complete(5) => {}
+            _ => panic!("no trailers: not complete"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_early_is_cut() {
+        match body_of(b"5\r\nhello\r\n3\r\nab", Framing::Chunked, 4).await {
+            BodyEnd::Cut { bytes, .. } => assert_eq!(bytes, 7),
+            _ => panic!("chunked: not cut"),
+        }
+        match body_of(b"abc", Framing::Length(10), 2).await {
+            BodyEnd::Cut { bytes, .. } => assert_eq!(bytes, 3),
+            _ => panic!("length: not cut"),
+        }
+        match body_of(b"abcdefghij", Framing::Length(10), 3).await {
+            BodyEnd::Complete(10) => {}
+            _ => panic!("length: not complete"),
+        }
+        match body_of(b"abc", Framing::Close, 2).await {
+            BodyEnd::Complete(3) => {}
+            _ => panic!("close-delimited: not complete"),
+        }
+    }
+
+    #[tokio::test]
+    async fn heads_give_status_and_framing_and_skip_interim_responses() {
+        let wire: &[u8] = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 502 Bad Gateway\r\ncontent-length: 3\r\nconnection: close\r\n\r\nbad";
+        let mut rd = wire;
+        let mut buf = BytesMut::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let head = read_head(&mut rd, &mut buf, deadline)
+            .await
+            .unwrap_or_else(|e| panic!("no head: {}", e.detail()));
+        assert_eq!(head.status, 502);
+        assert!(matches!(head.framing, Framing::Length(3)));
+        assert!(head.close);
+        assert_eq!(&buf[..], b"bad");
+
+        let mut rd: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-le";
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            read_head(&mut rd, &mut buf, deadline).await,
+            Err(NoHead::Eof)
+        ));
+    }
+
+    #[test]
+    fn the_config_is_one_the_local_platform_accepts() {
+        use thaw_activator::platform::local::config::LocalConfig;
+        let yaml = config_yaml(
+            "/opt/thaw testapp",
+            &["--threads".to_owned(), "1".to_owned()],
+        );
+        let config = LocalConfig::parse(&yaml, std::path::Path::new("/tmp"))
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let names: Vec<String> = config
+            .revisions
+            .iter()
+            .map(|r| r.spec.id.name.to_string())
+            .collect();
+        assert_eq!(names, ["alpha", "beta", "gamma"]);
+        assert_eq!(config.revisions[1].min_scale, 1);
+    }
+}
