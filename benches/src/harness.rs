@@ -475,6 +475,11 @@ impl Activator {
         self.process.wait_exit(limit).await
     }
 
+    /// The exit status if the activator has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.process.child.try_wait().ok().flatten()
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.process.logs()
     }

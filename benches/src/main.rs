@@ -8,6 +8,9 @@
 //! cargo run --release -p thaw-benches -- all
 //! ```
 //!
+//! `soak` is not part of `all`: it runs the local platform for 10 minutes at mixed load
+//! while killing its processes (`cargo run --release -p thaw-benches -- soak`).
+//!
 //! Tables go to stdout, progress to stderr. The exit status is non-zero when a scenario
 //! failed (a process did not start, no request succeeded, …); timings are never judged.
 #![forbid(unsafe_code)]
@@ -36,9 +39,10 @@ struct Cli {
     #[command(subcommand)]
     command: Cmd,
 
-    /// Measured time per run (`5s`, `300ms`, `1m`; a bare number is seconds)
-    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
-    duration: Duration,
+    /// Measured time per run (`5s`, `300ms`, `1m`; a bare number is seconds); the whole
+    /// run for `soak` [default: 5s; soak: 10m, or 15s with --smoke]
+    #[arg(long, global = true, value_parser = parse_duration)]
+    duration: Option<Duration>,
 
     /// Warm-up per run, not recorded
     #[arg(long, global = true, default_value = "1s", value_parser = parse_duration)]
@@ -119,7 +123,7 @@ struct Connections(Vec<usize>);
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
 enum Cmd {
-    /// Everything below, the main table first
+    /// Everything below except `soak`, the main table first
     All,
     /// The main table: direct, nginx, queue-proxy CC=0/100, activator → queue-proxy
     Proxies,
@@ -137,6 +141,15 @@ enum Cmd {
     IdleRss,
     /// The in-tree load generator against wrk, direct
     WrkCheck,
+    /// The local platform for `--duration` (default 10 minutes) at mixed load while apps
+    /// and queue-proxies are killed and revisions scale; counts every request's fate and
+    /// samples RSS. Not part of `all`.
+    Soak {
+        /// Seeds the choices of the load and the chaos (which request, which process to
+        /// kill, when), so a run can be repeated; timings still differ run to run
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -189,6 +202,7 @@ fn cmd_name(c: Cmd) -> &'static str {
         Cmd::Sizes => "sizes",
         Cmd::IdleRss => "idle-rss",
         Cmd::WrkCheck => "wrk-check",
+        Cmd::Soak { .. } => "soak",
     }
 }
 
@@ -202,6 +216,7 @@ async fn run_section(cmd: Cmd, ctx: Arc<Ctx>) -> Section {
         Cmd::Sizes => tokio::spawn(bench::misc::sizes(ctx)),
         Cmd::IdleRss => tokio::spawn(bench::misc::idle_rss(ctx)),
         Cmd::WrkCheck => tokio::spawn(bench::misc::wrk_check(ctx)),
+        Cmd::Soak { .. } => tokio::spawn(bench::soak::run(ctx)),
         Cmd::All => unreachable!("expanded by the caller"),
     };
     match task.await {
@@ -221,7 +236,7 @@ fn sh(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn header(ctx: &Ctx) -> String {
+fn header(ctx: &Ctx, cmd: Cmd) -> String {
     let nproc = sh("nproc", &[]).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or("?".to_owned(), |n| n.get().to_string())
     });
@@ -247,6 +262,22 @@ fn header(ctx: &Ctx) -> String {
         "not found: its rows are skipped (apt-get install nginx)".to_owned(),
         |p| format!("{} ({})", bench::nginx::version(p), p.display()),
     );
+    let settings = match cmd {
+        // The soak has no measurement windows or repetitions: one long run, seeded.
+        Cmd::Soak { seed } => format!(
+            "one run of {}, seed {seed}",
+            bench::proxies::humantime(ctx.duration)
+        ),
+        _ => format!(
+            "duration {}, warm-up {}, {} repetition(s), connections {:?}{}; each measurement waits up to {} for other processes to use < 0.15 cores",
+            bench::proxies::humantime(ctx.duration),
+            bench::proxies::humantime(ctx.warmup),
+            ctx.reps,
+            ctx.connections,
+            if ctx.smoke { " (--smoke)" } else { "" },
+            bench::proxies::humantime(ctx.quiet_wait),
+        ),
+    };
     let load_threads = ctx.load_threads;
     let scheduler = match ctx.load_scheduler {
         Scheduler::MultiThread => "a multi-threaded tokio runtime",
@@ -258,7 +289,7 @@ fn header(ctx: &Ctx) -> String {
          - date: {date}\n\
          - machine: nproc {nproc}, CPU {cpu}, kernel {kernel}\n\
          - build: {build}; binaries from `{}`\n\
-         - settings: duration {}, warm-up {}, {} repetition(s), connections {:?}{}; each measurement waits up to {} for other processes to use < 0.15 cores\n\
+         - settings: {settings}\n\
          - test app: {}\n\
          - load generator: in-tree, raw HTTP/1.1 client (request bytes built once, responses parsed with httparse), one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
          - queue-proxy and activator: their default runtimes (worker threads = CPUs available)\n\
@@ -266,12 +297,6 @@ fn header(ctx: &Ctx) -> String {
          - everything (generator, proxies, app) runs on this one machine over loopback and shares its cores\n",
         args.join(" "),
         dir.display(),
-        bench::proxies::humantime(ctx.duration),
-        bench::proxies::humantime(ctx.warmup),
-        ctx.reps,
-        ctx.connections,
-        if ctx.smoke { " (--smoke)" } else { "" },
-        bench::proxies::humantime(ctx.quiet_wait),
         bench::misc::app_desc(ctx),
     )
 }
@@ -329,8 +354,12 @@ fn main() -> ExitCode {
     if !harness::bin_dir().ends_with("release") {
         progress("warning: not a release build; the figures mean nothing (use --release)");
     }
+    let soak_seed = match cli.command {
+        Cmd::Soak { seed } => Some(seed),
+        _ => None,
+    };
     let mut ctx = Ctx {
-        duration: cli.duration,
+        duration: cli.duration.unwrap_or(Duration::from_secs(5)),
         warmup: cli.warmup,
         reps: cli.reps as usize,
         connections: cli.connections.0.clone(),
@@ -346,6 +375,7 @@ fn main() -> ExitCode {
         },
         load_scheduler: cli.load_scheduler,
         quiet_wait: cli.quiet_wait,
+        seed: 1,
         nginx: match &cli.nginx {
             None => bench::nginx::find(),
             Some(p) if p.as_os_str() == "none" => None,
@@ -359,6 +389,17 @@ fn main() -> ExitCode {
         ctx.connections = vec![4];
         ctx.parked = 200;
         ctx.coldstart_runs = 2;
+        ctx.quiet_wait = Duration::ZERO;
+    }
+    if let Some(seed) = soak_seed {
+        ctx.seed = seed;
+        // The soak is one long run: its duration is the run's, not a measurement window,
+        // so --smoke shortens it to seconds rather than to 300 ms.
+        ctx.duration = cli.duration.unwrap_or(if cli.smoke {
+            Duration::from_secs(15)
+        } else {
+            Duration::from_secs(600)
+        });
         ctx.quiet_wait = Duration::ZERO;
     }
     if ctx.nginx.is_none() {
@@ -389,7 +430,7 @@ fn main() -> ExitCode {
     };
     let started = Instant::now();
     let ctx = Arc::new(ctx);
-    let mut report = header(&ctx);
+    let mut report = header(&ctx, cli.command);
     println!("{report}");
     let mut failures = Vec::new();
     for cmd in commands {

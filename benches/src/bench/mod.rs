@@ -7,6 +7,7 @@ pub mod nginx;
 pub mod overload;
 pub mod parked;
 pub mod proxies;
+pub mod soak;
 pub mod streaming;
 
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub struct Ctx {
     pub quiet_wait: Duration,
     /// The nginx binary, if installed.
     pub nginx: Option<PathBuf>,
+    /// The soak's seed.
+    pub seed: u64,
 }
 
 impl Ctx {
