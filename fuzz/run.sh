@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for N seconds (default 5) from the committed seed corpus, which is
+# copied to a scratch directory first so that a run never adds files to it. Fails when a
+# target crashes (libFuzzer then leaves the input under fuzz/artifacts/<target>/).
+#
+#   fuzz/run.sh 5            # what CI runs
+#   fuzz/run.sh 600 identify # one target, ten minutes
+#
+# Needs a nightly toolchain and cargo-fuzz (cargo install cargo-fuzz --locked). Extra
+# libFuzzer flags can be passed in FUZZ_FLAGS (e.g. FUZZ_FLAGS=-jobs=2).
+set -euo pipefail
+cd "$(dirname "$0")"
+seconds="${1:-5}"
+shift || true
+targets=("$@")
+if [ "${#targets[@]}" -eq 0 ]; then
+  mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+# One build of every target up front, so each run's seconds are spent fuzzing.
+cargo +nightly fuzz build
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+failed=()
+for t in "${targets[@]}"; do
+  mkdir -p "$scratch/$t"
+  cp -r "corpus/$t/." "$scratch/$t/"
+  echo "== fuzz $t for ${seconds}s"
+  # -rss_limit_mb: a hostile input must not balloon memory; -timeout: nor hang.
+  # shellcheck disable=SC2086
+  if ! cargo +nightly fuzz run "$t" "$scratch/$t" -- \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 ${FUZZ_FLAGS:-} \
+    > "$scratch/$t.log" 2>&1; then
+    failed+=("$t")
+    tail -n 60 "$scratch/$t.log" >&2
+  fi
+  grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::average_exec_per_sec)' "$scratch/$t.log" || true
+  echo "corpus: $(find "$scratch/$t" -type f | wc -l) inputs"
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "fuzz targets that crashed: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
+  exit 1
+fi
+echo "all ${#targets[@]} fuzz targets ran ${seconds}s without a crash"
