@@ -39,6 +39,10 @@
 //!   A sender that sends garbage has a bug, and one line per connection says so without
 //!   flooding the log. A frame over `max_message_bytes` closes with 1009 (Message Too
 //!   Big); Knative sets no limit.
+//! * A figure that is not finite, is negative, or is above
+//!   `thaw_shared::limits::MAX_REPORTED_CONCURRENCY` (1e9) is invalid, so that
+//!   [`load`](ReportedStats::load)'s sum over senders stays finite; Knative takes any
+//!   float.
 //! * Figures expire: an entry older than `staleness` (three reporting periods) counts
 //!   for nothing and is swept, so a sender that disconnects or dies is forgotten after
 //!   the bound. (Knative's buckets age out of the window the same way.)
@@ -58,6 +62,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
+use thaw_shared::limits::MAX_REPORTED_CONCURRENCY;
 use thaw_shared::proto::{Stat, WireStatMessages};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -355,6 +360,11 @@ fn validate(revision: &RevisionId, stat: &Stat) -> Result<(), Rejected> {
     ] {
         if !value.is_finite() || value < 0.0 {
             return Err(invalid(format!("{what} is {value}")));
+        }
+        if value > MAX_REPORTED_CONCURRENCY {
+            return Err(invalid(format!(
+                "{what} is {value}, above the most accepted ({MAX_REPORTED_CONCURRENCY:e})"
+            )));
         }
     }
     Ok(())
@@ -785,6 +795,37 @@ mod tests {
             matches!(&long_pod, Err(Rejected::Invalid { reason, .. }) if reason.contains("pod_name"))
         );
         assert_eq!(s.revisions(), 0);
+    }
+
+    /// Found by the `stat_proto` fuzz target's invariant (a hand-written batch): two
+    /// senders' finite `1.7e308` summed to an infinite load, which the scaler reads as no
+    /// traffic, so a flood of demand scaled the revision to zero.
+    #[tokio::test(start_paused = true)]
+    async fn huge_figures_are_rejected_so_the_load_stays_finite() {
+        let s = ReportedStats::new(settings());
+        let now = Instant::now();
+        let huge = |pod: &str| WireStatMessage {
+            namespace: "ns".into(),
+            name: "n".into(),
+            stat: Some(stat(pod, 1.7e308, 0.0)),
+        };
+        let batch = WireStatMessages {
+            messages: vec![huge("a"), huge("b")],
+        };
+        let bytes = batch.encode_to_vec();
+        let decoded = WireStatMessages::decode(bytes.as_slice()).unwrap();
+        let e = record_batch(&s, &decoded, now).unwrap_err();
+        assert!(e.to_string().contains("above the most accepted"), "{e}");
+        assert_eq!(s.load(&RevisionId::new("ns", "n"), now), 0.0);
+        // The largest accepted figure, from every sender the server tracks, sums finitely.
+        let r = rev("max");
+        for i in 0..settings().max_senders_per_revision {
+            s.record(r.clone(), &stat(&format!("p{i}"), 1e9, 1e9), false, now)
+                .unwrap();
+        }
+        assert!(s.load(&r, now).is_finite());
+        let over = s.record(r.clone(), &stat("p0", 1.000_001e9, 0.0), false, now);
+        assert!(matches!(over, Err(Rejected::Invalid { .. })), "{over:?}");
     }
 
     #[tokio::test(start_paused = true)]

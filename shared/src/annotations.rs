@@ -113,7 +113,7 @@ impl FunctionSettings {
                 .filter(|h| !h.is_empty())
                 .collect()
         });
-        if let Some(bad) = hosts.iter().find(|h| !is_host(h)) {
+        if let Some(bad) = hosts.iter().find(|h| !crate::names::is_host(h)) {
             return Err(error(HOSTS, bad, "not a host name"));
         }
         let service = match get(SERVICE) {
@@ -223,16 +223,6 @@ fn count(name: &'static str, value: &str, max: u64) -> Result<u64, AnnotationErr
 /// RFC 1123 label: what a Service name must be.
 fn is_dns_label(s: &str) -> bool {
     crate::names::is_dns1035_label(s)
-}
-
-/// A host name as `Host` carries it (no port, no scheme): dot-separated labels.
-fn is_host(s: &str) -> bool {
-    s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 #[cfg(test)]

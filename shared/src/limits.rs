@@ -19,3 +19,10 @@ pub const MAX_CONTAINER_CONCURRENCY: u64 = 1_000_000;
 /// Runtime worker threads: more than any machine has cores, so that a typo such as
 /// 100000 is an error rather than thousands of threads.
 pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// Concurrency (or request count) one stat may report. Far beyond any real pod or activator
+/// (Knative's concurrency ceiling is 1000 per pod, an activator buffers 10 000 requests per
+/// revision), and small enough that a sum over every sender and pod stays finite: two
+/// senders reporting `1.7e308` each summed to infinity, which the autoscaler reads as no
+/// traffic at all.
+pub const MAX_REPORTED_CONCURRENCY: f64 = 1e9;

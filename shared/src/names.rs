@@ -16,9 +16,52 @@ pub fn is_dns1035_label(s: &str) -> bool {
     is_dns1123_label(s) && s.starts_with(|c: char| c.is_ascii_lowercase())
 }
 
+/// A host name as `Host` carries it, without port or scheme: dot-separated labels of
+/// 1-63 ASCII letters, digits and `-`, 253 bytes at most. Declared hosts are checked with
+/// this wherever config gives them (annotations, the local YAML), because the activator
+/// looks a request up by its `Host` with the port removed: anything else could never be
+/// routed.
+pub fn is_host(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts() {
+        for good in [
+            "hello.local",
+            "Hello.Example.com",
+            "localhost",
+            "10.0.0.1",
+            "a-b.c",
+        ] {
+            assert!(is_host(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.",
+            "a.local:80",
+            "[::1]",
+            "::1",
+            "héllo",
+            "a b",
+            "a_b",
+        ] {
+            assert!(!is_host(bad), "{bad}");
+        }
+        assert!(!is_host(&format!("{}.a", "a".repeat(64))));
+        assert!(!is_host(&["a"; 128].join(".")));
+    }
 
     #[test]
     fn labels() {

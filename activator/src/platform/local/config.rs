@@ -249,6 +249,18 @@ fn revision(path: &str, v: &Value) -> Result<LocalRevision> {
         .map(|v| strings(&at("hosts"), v))
         .transpose()?
         .unwrap_or_default();
+    // A request is looked up by its `Host` without the port, so anything but a plain host
+    // name (a port, brackets, spaces, non-ASCII) could never be routed.
+    if let Some((i, bad)) = hosts
+        .iter()
+        .enumerate()
+        .find(|(_, h)| !thaw_shared::names::is_host(h))
+    {
+        return Err(format!(
+            "{}[{i}]: {bad:?} is not a host name (dot-separated labels of letters, digits and -, without a port)",
+            at("hosts")
+        ));
+    }
     let cc = field("containerConcurrency")
         .map(|v| at_most(&at("containerConcurrency"), v, MAX_CONTAINER_CONCURRENCY))
         .transpose()?
@@ -503,5 +515,24 @@ mod tests {
                 "{text:?}\n  gave {err:?}\n  want {want:?}"
             );
         }
+    }
+
+    /// Found by the `local_yaml` fuzz target: these were accepted, and no request could
+    /// ever reach them, since the activator looks a request up by its `Host` without the
+    /// port (and a `Host` is ASCII).
+    #[test]
+    fn hosts_that_could_never_be_routed_are_refused() {
+        for bad in ["a.local:80", "héllo", "", "a..b", "[::1]", "hello local"] {
+            let text = format!(
+                "revisions:\n  - name: a\n    command: x\n    hosts: [ok.local, {bad:?}]\n"
+            );
+            let err = parse(&text).unwrap_err();
+            assert!(
+                err.starts_with("revisions[0].hosts[1]: ") && err.contains("is not a host name"),
+                "{bad:?} gave {err:?}"
+            );
+        }
+        let ok = parse("revisions:\n  - name: a\n    command: x\n    hosts: [Hello.Local, 10.0.0.1, localhost]\n");
+        assert_eq!(ok.unwrap().revisions[0].spec.hosts.len(), 3);
     }
 }
