@@ -163,6 +163,7 @@ fuzz_target!(|data: &[u8]| {
         container_concurrency: s.container_concurrency,
         timeouts: s.timeouts,
         hosts: s.hosts.clone(),
+        verify_pod_identity: false,
     }));
     for h in &s.hosts {
         let mut headers = HeaderMap::new();

@@ -118,6 +118,7 @@ fuzz_target!(|data: &[u8]| {
             container_concurrency: 1,
             timeouts: Timeouts::default(),
             hosts: hosts.clone(),
+            verify_pod_identity: false,
         }));
     }
     let got = registry
