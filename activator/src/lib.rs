@@ -136,6 +136,8 @@ pub fn build_state(
         reporter,
         upstream: Upstream::new(UpstreamSettings {
             dial: Dial::Authority,
+            // Its upstreams are queue-proxies, which write a response head with its body.
+            quick_ack: false,
             max_idle: 1000,
             idle_timeout: Duration::from_secs(90),
         }),

@@ -75,6 +75,7 @@ pub const THAW_TLS_CERT_FILE: &str = "THAW_TLS_CERT_FILE";
 pub const THAW_TLS_KEY_FILE: &str = "THAW_TLS_KEY_FILE";
 pub const THAW_WORKER_THREADS: &str = "THAW_WORKER_THREADS";
 pub const THAW_AGGRESSIVE_PROBE_INTERVAL: &str = "THAW_AGGRESSIVE_PROBE_INTERVAL";
+pub const THAW_UPSTREAM_QUICK_ACK: &str = "THAW_UPSTREAM_QUICK_ACK";
 pub use crate::listen_fds::THAW_LISTEN_FDS;
 pub use thaw_shared::lifeline::THAW_PARENT_PID;
 
@@ -112,6 +113,7 @@ pub const VARS: &[Var] = &[
     opt(THAW_TLS_KEY_FILE, DEFAULT_KEY_PATH, "[thaw] TLS private key (PEM); re-read when it changes"),
     opt(THAW_WORKER_THREADS, "1", "[thaw] runtime threads; 1 = a single-threaded runtime, the best fit for a sidecar"),
     opt(THAW_AGGRESSIVE_PROBE_INTERVAL, "50ms", "[thaw] pace of readiness probes with periodSeconds 0 (Knative: 50ms); shorter picks up a starting app sooner"),
+    opt(THAW_UPSTREAM_QUICK_ACK, "true", "[thaw] acknowledge the app's bytes at once (TCP_QUICKACK), so an app that writes head and body apart with Nagle on is not held 40 ms by a delayed ACK"),
     opt(THAW_LISTEN_FDS, "", "[thaw] listening sockets inherited from the parent as listener=fd pairs (serving, tls, admin, metrics, user-metrics), used instead of binding those ports"),
     opt(THAW_PARENT_PID, "", "[thaw] pid of the process that started this one (the local platform's activator): the queue-proxy is killed when it dies, and does not start if it is gone"),
 ];
@@ -160,6 +162,8 @@ pub struct Config {
     pub tls_key_file: PathBuf,
     pub worker_threads: Option<usize>,
     pub aggressive_probe_interval: Duration,
+    /// `TCP_QUICKACK` on the connections to the app (`thaw_shared::quickack`).
+    pub upstream_quick_ack: bool,
     /// Listeners inherited from the parent process, by descriptor number.
     pub listen_fds: Vec<(crate::listen_fds::Listener, std::os::fd::RawFd)>,
     /// The process this one must not outlive.
@@ -228,8 +232,12 @@ impl Env<'_> {
     }
 
     fn flag(&self, var: &'static str) -> Result<bool, ConfigError> {
+        self.flag_or(var, false)
+    }
+
+    fn flag_or(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.optional(var).map(|v| v.trim().to_ascii_lowercase()) {
-            None => Ok(false),
+            None => Ok(default),
             Some(v) if v == "true" || v == "1" => Ok(true),
             Some(v) if v == "false" || v == "0" => Ok(false),
             Some(v) => Err(ConfigError::Invalid {
@@ -378,6 +386,7 @@ impl Config {
             pod_ip,
             readiness_probes,
             http2_auto_detect: env.flag(ENABLE_HTTP2_AUTO_DETECTION)?,
+            upstream_quick_ack: env.flag_or(THAW_UPSTREAM_QUICK_ACK, true)?,
             observability,
             tls_min_version,
             tls_max_version,
@@ -575,6 +584,7 @@ pub(crate) mod tests {
             (THAW_LISTEN_FDS, "serving=1"),
             (THAW_LISTEN_FDS, "web=7"),
             (THAW_PARENT_PID, "1"),
+            (THAW_UPSTREAM_QUICK_ACK, "sometimes"),
             (
                 SERVING_READINESS_PROBE,
                 "{\"tcpSocket\":{\"port\":\"http\"}}",

@@ -129,6 +129,7 @@ pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
         breaker: (cc > 0).then(|| Arc::new(Breaker::new(cc))),
         upstream: Upstream::new(UpstreamSettings {
             dial: Dial::Fixed(SocketAddr::from(([127, 0, 0, 1], config.user_port))),
+            quick_ack: config.upstream_quick_ack,
             max_idle: if cc > 0 { cc } else { 1000 },
             idle_timeout: Duration::from_secs(90),
         }),

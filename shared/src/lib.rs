@@ -19,6 +19,7 @@ pub mod names;
 pub mod probe;
 pub mod proto;
 pub mod proxy;
+pub mod quickack;
 pub mod runtime;
 pub mod serve;
 pub mod stats;

@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use crate::conn::Connection;
 use crate::drain::UpgradeTracker;
 use crate::headers;
+use crate::quickack::UpstreamStream;
 use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,10 +43,11 @@ pub enum Dial {
 #[derive(Debug, Clone, Copy)]
 pub struct Connector {
     dial: Dial,
+    quick_ack: bool,
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamStream>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -66,12 +68,13 @@ impl tower_service::Service<Uri> for Connector {
                     )
                 }),
         };
+        let quick_ack = self.quick_ack;
         // One allocation per new connection, not per request: the pool reuses them.
         Box::pin(async move {
             let stream = TcpStream::connect(addr?).await?;
             // Small responses must leave at once, not wait for Nagle.
             stream.set_nodelay(true)?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(UpstreamStream::new(stream, quick_ack)))
         })
     }
 }
@@ -155,6 +158,9 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamSettings {
     pub dial: Dial,
+    /// Acknowledge every read from the upstream at once (`crate::quickack`), so an app
+    /// that writes its head and body apart with Nagle on is not held by a delayed ACK.
+    pub quick_ack: bool,
     /// Idle keep-alive connections kept: Knative sizes this to the concurrency (1000 when
     /// unlimited).
     pub max_idle: usize,
@@ -177,6 +183,7 @@ where
     pub fn new(settings: UpstreamSettings) -> Self {
         let connector = Connector {
             dial: settings.dial,
+            quick_ack: settings.quick_ack,
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
