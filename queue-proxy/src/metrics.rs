@@ -158,7 +158,7 @@ impl UserMetrics {
         )?;
         let in_flight = IntGauge::with_opts(opts(
             "revision_requests_in_flight",
-            "Requests being served by the app",
+            "Requests inside the queue-proxy: queued in the breaker or at the app",
         ))?;
         let queue_depth = IntGauge::with_opts(opts(
             "revision_queue_depth",
