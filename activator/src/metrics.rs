@@ -18,10 +18,11 @@ const LATENCY_BUCKETS_MS: &[f64] = &[
     60000.0,
 ];
 
-/// Cold-start waits are longer: from a few ms (warm process) to minutes (image pulls).
-const COLD_START_BUCKETS_MS: &[f64] = &[
-    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
-    120000.0,
+/// Cold-start waits are longer: from a few ms (warm process) to minutes (image pulls). In
+/// seconds, Prometheus's base unit: this histogram is Thaw's own, so it follows the
+/// conventions, while the request latencies keep the milliseconds of Knative's names.
+const COLD_START_BUCKETS_SECONDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 #[derive(Debug, Clone)]
@@ -59,7 +60,7 @@ impl RevisionMetrics {
     }
 
     pub fn cold_start(&self, waited: Duration) {
-        self.cold_start.observe(waited.as_secs_f64() * 1000.0);
+        self.cold_start.observe(waited.as_secs_f64());
     }
 
     pub fn rejected(&self) {
@@ -98,15 +99,15 @@ impl Metrics {
         )?;
         let cold_start = HistogramVec::new(
             HistogramOpts::new(
-                "activator_cold_start_wait_ms",
-                "Time a request waited for the revision's first ready pod, in milliseconds",
+                "activator_cold_start_wait_seconds",
+                "Time a request waited for the revision's first ready pod, in seconds",
             )
-            .buckets(COLD_START_BUCKETS_MS.to_vec()),
+            .buckets(COLD_START_BUCKETS_SECONDS.to_vec()),
             &labels,
         )?;
         let rejected = IntCounterVec::new(
             Opts::new(
-                "activator_throttler_rejected_count",
+                "activator_throttler_rejected_total",
                 "Requests refused with 503 because the revision's wait queue or byte budget was full",
             ),
             &labels,

@@ -92,7 +92,7 @@ async fn cold_request_waits_for_the_pod_and_is_marked() {
     assert!(headers.get("k-original-host").is_none());
     assert_eq!(
         act.metric(
-            "activator_cold_start_wait_ms_count",
+            "activator_cold_start_wait_seconds_count",
             "revision_name=\"hello\""
         )
         .await,
@@ -235,7 +235,7 @@ async fn queue_and_byte_bounds_answer_503_with_retry_after() {
     assert_eq!(h["retry-after"], "1");
     assert!(String::from_utf8_lossy(&b).contains("budget"), "{b:?}");
     assert_eq!(
-        act.metric("activator_throttler_rejected_count", "").await,
+        act.metric("activator_throttler_rejected_total", "").await,
         2.0
     );
 }

@@ -4,5 +4,6 @@
 
 pub mod harness;
 pub mod load;
+pub mod promtools;
 pub mod raw_app;
 pub mod testbed;

@@ -158,18 +158,18 @@ impl UserMetrics {
         )?;
         let in_flight = IntGauge::with_opts(opts(
             "revision_requests_in_flight",
-            "Requests being served by the app",
+            "Requests inside the queue-proxy: queued in the breaker or at the app",
         ))?;
         let queue_depth = IntGauge::with_opts(opts(
             "revision_queue_depth",
             "Requests waiting in the breaker for a slot",
         ))?;
         let breaker_rejections = IntCounter::with_opts(opts(
-            "revision_breaker_rejected_count",
+            "revision_breaker_rejected_total",
             "Requests refused with 503 because the breaker queue was full",
         ))?;
         let upstream_errors = IntCounter::with_opts(opts(
-            "revision_upstream_error_count",
+            "revision_upstream_errors_total",
             "Requests that failed with 502 because the app could not be reached or broke the response",
         ))?;
         registry.register(Box::new(requests))?;

@@ -85,7 +85,7 @@ async fn cc2_admits_exactly_22_and_refuses_the_rest_at_once() {
         "refused requests reached the app: {stats}"
     );
     assert_eq!(
-        qp.user_metric("revision_breaker_rejected_count", "").await,
+        qp.user_metric("revision_breaker_rejected_total", "").await,
         2.0
     );
     wait_for_gauges(&qp, 0.0, 0.0).await;
@@ -252,7 +252,7 @@ async fn cc0_has_no_breaker_and_never_refuses() {
         "requests were not run concurrently: {stats}"
     );
     assert_eq!(
-        qp.user_metric("revision_breaker_rejected_count", "").await,
+        qp.user_metric("revision_breaker_rejected_total", "").await,
         0.0
     );
     assert_eq!(qp.user_metric("revision_queue_depth", "").await, 0.0);

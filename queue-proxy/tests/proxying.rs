@@ -261,7 +261,7 @@ async fn app_refusing_connections_gives_502_with_a_clear_body() {
     // CC=1: three failures in a row would hang if a slot leaked.
     assert_eq!(qp.user_metric("revision_requests_in_flight", "").await, 0.0);
     assert_eq!(
-        qp.user_metric("revision_upstream_error_count", "").await,
+        qp.user_metric("revision_upstream_errors_total", "").await,
         3.0
     );
 }

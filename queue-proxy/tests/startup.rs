@@ -552,8 +552,8 @@ async fn user_metrics_count_by_class_with_the_revision_labels() {
         "revision_request_latencies",
         "revision_requests_in_flight",
         "revision_queue_depth",
-        "revision_breaker_rejected_count",
-        "revision_upstream_error_count",
+        "revision_breaker_rejected_total",
+        "revision_upstream_errors_total",
     ] {
         assert!(
             samples.iter().any(|l| l.starts_with(name)),

@@ -72,7 +72,7 @@ async fn a_malformed_chunked_body_is_the_clients_fault() {
     let (_app, qp) = start().await;
     checks::malformed_chunked_body(qp.serving, HOST).await;
     assert_eq!(
-        qp.user_metric("revision_upstream_error_count", "").await,
+        qp.user_metric("revision_upstream_errors_total", "").await,
         0.0
     );
     assert_eq!(

@@ -196,6 +196,9 @@ impl Pod {
         tracing::info!(
             pod = %name,
             serving = %ports.serving,
+            // Where to scrape the pod: its queue-proxy's stat and user metrics ports.
+            metrics = %ports.metrics,
+            user_metrics = ports.user_metrics,
             app_port = ports.app,
             app_pid = app.pid().unwrap_or_default(),
             queue_proxy_pid = queue_proxy.pid().unwrap_or_default(),
