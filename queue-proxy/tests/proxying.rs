@@ -390,3 +390,75 @@ async fn nothing_is_logged_for_successful_requests_unless_asked() {
     assert_eq!(line["uri"], "/hello?x=1");
     assert_eq!(line["status_class"], "2xx");
 }
+
+/// An app that writes each response's head and body in two `write`s with Nagle on, as
+/// Python's `BaseHTTPRequestHandler` does. Returns its port.
+async fn split_writing_app() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+                        if s.write_all(head).await.is_err() || s.write_all(b"hello").await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Median time of warm requests on one kept-alive client connection.
+async fn warm_median(qp: &QueueProxy) -> Duration {
+    let client = http1_client();
+    let mut times = Vec::new();
+    for _ in 0..15 {
+        let started = std::time::Instant::now();
+        let req = Request::get(qp.url("/")).body(Full::default()).unwrap();
+        let (status, _, body) = send(&client, req).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+        times.push(started.elapsed());
+    }
+    // The first requests open connections (quick-ACKed by the kernel anyway).
+    let mut warm = times[5..].to_vec();
+    warm.sort();
+    warm[warm.len() / 2]
+}
+
+#[tokio::test]
+async fn an_app_writing_head_and_body_apart_is_not_held_by_a_delayed_ack() {
+    // [beyond]: Knative's queue-proxy leaves the kernel's delayed ACK (40 ms) on, so such
+    // an app answers every warm request 40 ms late. Medians are compared, and the bound
+    // is far from both, so a busy machine cannot flip the outcome.
+    let port = split_writing_app().await;
+    let plain = QueueProxy::start(port, &[("THAW_UPSTREAM_QUICK_ACK", "false")]).await;
+    let slow = warm_median(&plain).await;
+    assert!(
+        slow >= Duration::from_millis(30),
+        "the app no longer shows the delayed ACK ({slow:?}): the test proves nothing"
+    );
+    drop(plain);
+    let quick = QueueProxy::start(port, &[]).await;
+    let fast = warm_median(&quick).await;
+    assert!(fast < Duration::from_millis(30), "{fast:?}");
+}

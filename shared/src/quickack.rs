@@ -9,9 +9,12 @@
 //!
 //! Setting `TCP_QUICKACK` after a read sends an ACK that is due at once and leaves the
 //! kernel's "interactive" mode, so the app's next segment is not held. The flag is not
-//! permanent (the kernel goes back to delaying), hence once per read that returned data.
-//! The price is a `setsockopt` per upstream read, and a pure ACK where one would have
-//! ridden on the next request: the bench measures it (`thaw-benches proxies`).
+//! permanent (the kernel goes back to delaying), so it is set again per read. Its price
+//! is a `setsockopt`, and a pure ACK where one would have ridden on the next request, so
+//! it is paid only where a second segment is likely: after a read that ended at a line
+//! end (`\r\n`), that is, at the end of a response head or of a chunk-size line or
+//! chunk. A whole response read at once ends in its body, which rarely ends in `\r\n`;
+//! then nothing is paid.
 
 use std::io;
 use std::pin::Pin;
@@ -47,12 +50,21 @@ impl AsyncRead for UpstreamStream {
         let mut this = self.project();
         let before = buf.filled().len();
         let ready = this.inner.as_mut().poll_read(cx, buf);
-        if *this.quick && matches!(ready, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        if *this.quick
+            && matches!(ready, Poll::Ready(Ok(())))
+            && may_continue(&buf.filled()[before..])
+        {
             // Best effort: a failure here only means the ACK keeps its normal timing.
             let _ = quick_ack(&this.inner);
         }
         ready
     }
+}
+
+/// Whether bytes just read end where a sender that writes piecemeal would pause: at a
+/// line end, as a response head and each chunk do.
+fn may_continue(read: &[u8]) -> bool {
+    read.ends_with(b"\r\n")
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -119,7 +131,7 @@ mod tests {
             let mut buf = [0u8; 64];
             for _ in 0..rounds {
                 s.read_exact(&mut buf[..4]).await.unwrap();
-                s.write_all(b"head").await.unwrap();
+                s.write_all(b"head\r\n\r\n").await.unwrap();
                 s.write_all(b"body").await.unwrap();
             }
         });
@@ -130,9 +142,9 @@ mod tests {
         for _ in 0..rounds {
             let started = Instant::now();
             up.write_all(b"ping").await.unwrap();
-            let mut got = [0u8; 8];
+            let mut got = [0u8; 12];
             up.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"headbody");
+            assert_eq!(&got, b"head\r\n\r\nbody");
             times.push(started.elapsed());
         }
         app.await.unwrap();
@@ -154,6 +166,19 @@ mod tests {
         );
         let quick = exchange(true, 11).await;
         assert!(quick < Duration::from_millis(30), "{quick:?}");
+    }
+
+    #[test]
+    fn only_reads_ending_at_a_line_end_ask_for_a_quick_ack() {
+        assert!(may_continue(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+        ));
+        assert!(may_continue(b"5\r\nhello\r\n"));
+        assert!(!may_continue(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"
+        ));
+        assert!(!may_continue(b"{\"json\": true}\n"));
+        assert!(!may_continue(b""));
     }
 
     #[tokio::test]
