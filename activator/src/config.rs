@@ -264,11 +264,19 @@ pub struct Config {
     /// followed when it is below 1.
     #[arg(long, env = "THAW_TRACING_SAMPLING_RATE", default_value = "1")]
     pub tracing_sampling_rate: String,
+
+    /// On the Knative platform with no tracing flag: the settings read from
+    /// config-observability at start, which then stand in for the flags.
+    #[arg(skip)]
+    pub tracing_from_platform: Option<TracingConfig>,
 }
 
 impl Config {
     /// The tracing flags as Knative's settings; an error names the flag.
     pub fn tracing(&self) -> Result<TracingConfig, String> {
+        if let Some(t) = &self.tracing_from_platform {
+            return Ok(t.clone());
+        }
         let endpoint = self.tracing_endpoint.clone().filter(|e| !e.is_empty());
         let protocol = self.tracing_protocol.clone().unwrap_or_else(|| {
             if endpoint.is_some() {
@@ -286,6 +294,12 @@ impl Config {
         })
         // The flags are named as Knative's keys are.
         .map_err(|e| format!("--{e}"))
+    }
+
+    /// Whether a tracing flag (or its env) was given; without one, the Knative platform
+    /// takes the settings from config-observability.
+    pub fn tracing_flags_given(&self) -> bool {
+        self.tracing_endpoint.is_some() || self.tracing_protocol.is_some()
     }
 
     /// Fills the defaults that depend on the surroundings, given which flags were set

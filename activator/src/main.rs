@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use thaw_activator::config::PlatformKind;
+use thaw_activator::platform::knative::TracingAtStartError;
 use thaw_shared::trace::Protocol;
 
 /// Exit status for a usage or configuration error (sysexits' EX_USAGE).
@@ -35,6 +37,29 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let runtime = thaw_shared::runtime::build(config.worker_threads);
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("activator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Knative's activator reads its tracing settings from config-observability at start;
+    // so does this one on the Knative platform, unless a flag sets them.
+    let mut config = config;
+    if config.platform == PlatformKind::Knative && !config.tracing_flags_given() {
+        match runtime.block_on(thaw_activator::platform::knative::tracing_at_start(&config)) {
+            Ok(t) => config.tracing_from_platform = Some(t),
+            Err(e) if e.is_config() => {
+                eprintln!("activator: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            // No client at all: the platform fails on it next, and says so.
+            Err(TracingAtStartError::Client(..)) => {}
+            Err(e) => eprintln!("activator: {e}; tracing is off"),
+        }
+    }
     let tracing_config = match config.tracing() {
         Ok(t) => t,
         Err(e) => {
@@ -62,18 +87,10 @@ fn main() -> ExitCode {
     if let p @ (Protocol::Grpc | Protocol::Stdout) = tracing_config.protocol {
         tracing::warn!(
             protocol = p.as_str(),
-            "--tracing-protocol {} is not supported; tracing is off (use http/protobuf)",
+            "tracing protocol {} is not supported; tracing is off (use http/protobuf)",
             p.as_str()
         );
     }
-    let runtime = thaw_shared::runtime::build(config.worker_threads);
-    let runtime = match runtime {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("activator: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = runtime.block_on(thaw_activator::run(config));
     // Drained: the last spans leave before the process does.
     if let Some(exporter) = exporter {
