@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use thaw_shared::duration::parse_duration;
+use thaw_shared::trace::{self, TracingConfig};
 
 /// Which platform revisions and pods come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -248,9 +249,59 @@ pub struct Config {
     /// Log format: json lines, plain text, or auto (text at a terminal, else json).
     #[arg(long, env = "THAW_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Auto)]
     pub log_format: LogFormatArg,
+
+    /// Export request spans over OTLP/HTTP to this collector: http://host:port, or a full
+    /// URL with its path (default path /v1/traces). Unset: tracing off. On the local
+    /// platform the pods' queue-proxies trace to it too.
+    #[arg(long, env = "THAW_TRACING_ENDPOINT")]
+    pub tracing_endpoint: Option<String>,
+
+    /// Knative's tracing protocol: http/protobuf (the default with an endpoint) or none.
+    #[arg(long, env = "THAW_TRACING_PROTOCOL")]
+    pub tracing_protocol: Option<String>,
+
+    /// The share of new traces recorded, 0 to 1; a caller's sampled `traceparent` is
+    /// followed when it is below 1.
+    #[arg(long, env = "THAW_TRACING_SAMPLING_RATE", default_value = "1")]
+    pub tracing_sampling_rate: String,
+
+    /// On the Knative platform with no tracing flag: the settings read from
+    /// config-observability at start, which then stand in for the flags.
+    #[arg(skip)]
+    pub tracing_from_platform: Option<TracingConfig>,
 }
 
 impl Config {
+    /// The tracing flags as Knative's settings; an error names the flag.
+    pub fn tracing(&self) -> Result<TracingConfig, String> {
+        if let Some(t) = &self.tracing_from_platform {
+            return Ok(t.clone());
+        }
+        let endpoint = self.tracing_endpoint.clone().filter(|e| !e.is_empty());
+        let protocol = self.tracing_protocol.clone().unwrap_or_else(|| {
+            if endpoint.is_some() {
+                "http/protobuf"
+            } else {
+                "none"
+            }
+            .to_owned()
+        });
+        TracingConfig::from_keys(|key| match key {
+            trace::KEY_PROTOCOL => Some(protocol.clone()),
+            trace::KEY_ENDPOINT => endpoint.clone(),
+            trace::KEY_SAMPLING_RATE => Some(self.tracing_sampling_rate.clone()),
+            _ => None,
+        })
+        // The flags are named as Knative's keys are.
+        .map_err(|e| format!("--{e}"))
+    }
+
+    /// Whether a tracing flag (or its env) was given; without one, the Knative platform
+    /// takes the settings from config-observability.
+    pub fn tracing_flags_given(&self) -> bool {
+        self.tracing_endpoint.is_some() || self.tracing_protocol.is_some()
+    }
+
     /// Fills the defaults that depend on the surroundings, given which flags were set
     /// explicitly (flag or env) and the text of /etc/resolv.conf:
     /// - no `--platform`, but the env of Knative's `activator` Deployment

@@ -43,6 +43,9 @@ use crate::throttler::ThrottlerSettings;
 /// Why the activator could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A bad tracing flag, named.
+    #[error("{0}")]
+    Tracing(String),
     #[error(
         "--config is required with --platform local: a YAML file of revisions (see deploy/local/)"
     )]
@@ -69,7 +72,7 @@ impl RunError {
     /// Errors in what the user gave, as opposed to the environment failing.
     pub fn is_config(&self) -> bool {
         match self {
-            RunError::NoConfig | RunError::LocalConfig(_) => true,
+            RunError::NoConfig | RunError::LocalConfig(_) | RunError::Tracing(_) => true,
             RunError::Kubernetes(e) => e.is_config(),
             _ => false,
         }
@@ -94,6 +97,7 @@ pub async fn platform(
                 max_pods: config
                     .max_local_pods
                     .unwrap_or_else(LocalSettings::default_max_pods),
+                tracing: config.tracing().map_err(RunError::Tracing)?,
             };
             Ok(Arc::new(LocalPlatform::start(file, load, settings)))
         }
@@ -145,6 +149,7 @@ pub fn build_state(
         draining: std::sync::atomic::AtomicBool::new(false),
         cluster_domain: config.cluster_domain.clone(),
         metrics,
+        tracing: config.tracing().map_err(RunError::Tracing)?.is_on(),
     }))
 }
 

@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+use thaw_activator::config::PlatformKind;
+use thaw_activator::platform::knative::TracingAtStartError;
+use thaw_shared::trace::Protocol;
+
 /// Exit status for a usage or configuration error (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -33,7 +37,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    thaw_activator::logging::init_with(&config.log_level, config.log_format.into());
     let runtime = thaw_shared::runtime::build(config.worker_threads);
     let runtime = match runtime {
         Ok(rt) => rt,
@@ -42,7 +45,58 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(thaw_activator::run(config)) {
+    // Knative's activator reads its tracing settings from config-observability at start;
+    // so does this one on the Knative platform, unless a flag sets them.
+    let mut config = config;
+    if config.platform == PlatformKind::Knative && !config.tracing_flags_given() {
+        match runtime.block_on(thaw_activator::platform::knative::tracing_at_start(&config)) {
+            Ok(t) => config.tracing_from_platform = Some(t),
+            Err(e) if e.is_config() => {
+                eprintln!("activator: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            // No client at all: the platform fails on it next, and says so.
+            Err(TracingAtStartError::Client(..)) => {}
+            Err(e) => eprintln!("activator: {e}; tracing is off"),
+        }
+    }
+    let tracing_config = match config.tracing() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("activator: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (exporter, tracer) = if tracing_config.is_on() {
+        let pod = config.pod_name.clone();
+        let resource = [
+            ("service.name", "activator"),
+            ("k8s.pod.name", pod.as_str()),
+        ];
+        match thaw_shared::trace::Tracing::start(&tracing_config, &resource) {
+            Ok((exporter, tracer)) => (Some(exporter), Some(tracer)),
+            Err(e) => {
+                eprintln!("activator: tracing: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        (None, None)
+    };
+    thaw_shared::logging::init_traced(&config.log_level, config.log_format.into(), tracer);
+    if let p @ (Protocol::Grpc | Protocol::Stdout) = tracing_config.protocol {
+        tracing::warn!(
+            protocol = p.as_str(),
+            "tracing protocol {} is not supported; tracing is off (use http/protobuf)",
+            p.as_str()
+        );
+    }
+    let result = runtime.block_on(thaw_activator::run(config));
+    // Drained: the last spans leave before the process does.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_config() => {
             eprintln!("activator: {e}");

@@ -18,7 +18,9 @@ use thaw_shared::framing;
 use thaw_shared::headers;
 use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::InFlight;
+use thaw_shared::trace;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use thaw_shared::body::{self, local, text, PROMETHEUS_TEXT};
 
@@ -56,6 +58,8 @@ pub struct State {
     pub draining: AtomicBool,
     pub cluster_domain: String,
     pub metrics: Metrics,
+    /// Whether requests get spans (`--tracing-endpoint`).
+    pub tracing: bool,
 }
 
 /// What a request holds until its response is over; fields drop in order.
@@ -67,6 +71,8 @@ pub struct RequestGuard {
     log: Option<Box<LogInfo>>,
     _permit: Option<PodPermit>,
     _in_flight: InFlight,
+    /// Only while tracing is on: the request's span, which ends with the response.
+    span: Option<tracing::Span>,
 }
 
 /// The request, as its log line shows it.
@@ -78,6 +84,9 @@ struct LogInfo {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
+        if let Some(span) = &self.span {
+            trace::record_status(span, self.status);
+        }
         let elapsed = self.started.elapsed();
         self.revision.metrics.response(self.status, elapsed);
         if let Some(info) = self.log.take() {
@@ -120,11 +129,38 @@ pub async fn handle(
     else {
         return text(StatusCode::NOT_FOUND, "unknown revision");
     };
+    // 5. Tracing, only when on: the request's server span, a child of the caller's
+    //    `traceparent`, with the revision; the rest of the path runs in it. Off, nothing
+    //    is created or read. Probes above are not traced, as in Knative.
+    if state.tracing {
+        let id = &revision.spec.id;
+        let span = trace::server_span(
+            "activator",
+            &req,
+            trace::RevisionAttrs {
+                namespace: &id.namespace,
+                name: &id.name,
+            },
+        );
+        let traced = serve(state, conn, req, revision, Some(span.clone()));
+        return Box::pin(traced.instrument(span)).await;
+    }
+    serve(state, conn, req, revision, None).await
+}
+
+/// Steps 6 to 9 of the stack: everything after the revision and its span.
+async fn serve(
+    state: &Arc<State>,
+    conn: &Arc<Connection>,
+    req: Request<Incoming>,
+    revision: Arc<Revision>,
+    span: Option<tracing::Span>,
+) -> Response<ResponseBody> {
     let started = Instant::now();
-    // 5. Concurrency is reported for every request, waiting ones included: that is the
+    // 6. Concurrency is reported for every request, waiting ones included: that is the
     //    demand the autoscaler scales on.
     let in_flight = state.stats.arrive(&revision.spec.id);
-    // 6. The revision's timeouts; the wait in the throttler counts.
+    // 7. The revision's timeouts; the wait in the throttler counts.
     let timeouts = revision.spec.timeouts;
     let log = state.platform.request_log().then(|| {
         Box::new(LogInfo {
@@ -140,9 +176,11 @@ pub async fn handle(
         log,
         _permit: None,
         _in_flight: in_flight,
+        span,
     };
     let version = req.version();
-    let head = throttle_and_proxy(state, &revision, conn, req, started);
+    // 8 + 9. The throttler, then the proxy.
+    let head = throttle_and_proxy(state, &revision, conn, req, started, guard.span.as_ref());
     let resp = match timeouts.before_first_byte(started, head).await {
         Ok(Ok((resp, permit, cold_wait))) => {
             let (mut parts, body) = resp.into_parts();
@@ -202,14 +240,25 @@ async fn throttle_and_proxy(
     conn: &Arc<Connection>,
     req: Request<Incoming>,
     started: Instant,
+    span: Option<&tracing::Span>,
 ) -> Result<Proxied, Refused> {
     let (mut parts, body) = req.into_parts();
     rewrite_for_pod(&mut parts, conn.client_ip());
+    // With tracing on, the pod's parent is this activator's span; off, the caller's
+    // `traceparent` and `tracestate` pass untouched like any other header.
+    if let Some(span) = span {
+        trace::inject(span, &mut parts.headers);
+    }
     let cost = body_cost(&parts, &body);
     let cold = revision.throttler.ready_pods() == 0;
     if cold {
         state.platform.need_capacity(&revision.spec.id);
     }
+    // Knative's name for the wait for a pod (a cold start, or a busy revision), a child
+    // of the request span; it ends once a pod's slot is this request's.
+    let wait = span.map(
+        |_| tracing::info_span!(target: trace::TARGET, "throttler_try", thaw.cold_start = cold),
+    );
     let permit = match revision
         .throttler
         .try_acquire()
@@ -227,6 +276,7 @@ async fn throttle_and_proxy(
                 .map_err(Refused::Throttled)?
         }
     };
+    drop(wait);
     let cold_wait = cold.then(|| started.elapsed());
     // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
     // here, once a pod is found, keeps it out of every parked request: a parked request

@@ -418,6 +418,11 @@ mod tempfile_path {
 impl Activator {
     /// Starts an activator with `yaml` as its local platform config and extra flags.
     pub async fn start(yaml: &str, flags: &[&str]) -> Activator {
+        Self::start_with_env(yaml, flags, &[]).await
+    }
+
+    /// As [`Activator::start`], with extra environment.
+    pub async fn start_with_env(yaml: &str, flags: &[&str], env: &[(&str, &str)]) -> Activator {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path =
@@ -426,7 +431,7 @@ impl Activator {
         let config = tempfile_path::TempPath(path);
         let mut args = vec!["--config", config.0.to_str().unwrap()];
         args.extend_from_slice(flags);
-        let mut activator = Self::start_with(&args, &[]).await;
+        let mut activator = Self::start_with(&args, env).await;
         activator._config = Some(config);
         activator
     }

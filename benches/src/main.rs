@@ -58,7 +58,7 @@ struct Cli {
     connections: Connections,
 
     /// Main-table scenarios to run, comma-separated: direct, nginx, qp-cc0, qp-cc100,
-    /// activator-cc0, activator-cc100 (default: all)
+    /// activator-cc0, activator-cc100, activator-cc0-traced (default: all)
     #[arg(long, global = true, value_delimiter = ',')]
     only: Option<Vec<String>>,
 

@@ -5,12 +5,14 @@ use thaw_shared::stats::InFlight;
 use crate::metrics::RequestRecord;
 
 /// Everything a request holds until its response is over. Fields drop in order: the
-/// latency is recorded, then the breaker slot and the in-flight count are released.
+/// latency is recorded, then the breaker slot and the in-flight count are released,
+/// then the request's span ends (only while tracing is on), covering the whole body.
 #[derive(Debug)]
 pub struct RequestGuard {
     pub record: Option<RequestRecord>,
     pub permit: Option<thaw_shared::breaker::BreakerPermit>,
     pub in_flight: Option<InFlight>,
+    pub span: Option<tracing::Span>,
 }
 
 /// The queue-proxy's response body.

@@ -5,6 +5,8 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
+use thaw_shared::trace::Protocol;
+
 use crate::config::{self, Config};
 use crate::inject::{self, InjectSettings};
 
@@ -56,7 +58,37 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    crate::logging::init(&config.logging_level);
+    let tracing_config = &config.observability.tracing;
+    let (exporter, tracer) = if tracing_config.is_on() {
+        // Knative's queue-proxy names its traces after the user's service.
+        let service = [&config.configuration, &config.revision]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map_or("queue-proxy", String::as_str);
+        let resource = [
+            ("service.name", service),
+            ("k8s.pod.name", config.pod.as_str()),
+            ("k8s.namespace.name", config.namespace.as_str()),
+            ("kn.revision.name", config.revision.as_str()),
+        ];
+        match thaw_shared::trace::Tracing::start(tracing_config, &resource) {
+            Ok((exporter, tracer)) => (Some(exporter), Some(tracer)),
+            Err(e) => {
+                eprintln!("queue-proxy: tracing: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        (None, None)
+    };
+    crate::logging::init(&config.logging_level, tracer);
+    if let p @ (Protocol::Grpc | Protocol::Stdout) = tracing_config.protocol {
+        tracing::warn!(
+            protocol = p.as_str(),
+            "OBSERVABILITY_CONFIG: tracing.protocol {} is not supported; tracing is off (use http/protobuf)",
+            p.as_str()
+        );
+    }
 
     // A sidecar is sized for about one core: a current-thread runtime beats a pool there
     // (measured in benches/), so more threads are opt-in.
@@ -68,7 +100,12 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::run_with(config, inherited)) {
+    let result = runtime.block_on(crate::run_with(config, inherited));
+    // Drained: the last spans leave before the process does.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "queue-proxy failed");

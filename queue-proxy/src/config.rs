@@ -14,6 +14,7 @@ use thaw_shared::duration::parse_duration;
 use thaw_shared::limits::{MAX_CONTAINER_CONCURRENCY, MAX_SECONDS, MAX_WORKER_THREADS};
 use thaw_shared::probe::{parse_probes, ProbeSpec};
 use thaw_shared::timeout::Timeouts;
+use thaw_shared::trace::TracingConfig;
 
 use thaw_shared::tls::{TlsVersion, DEFAULT_CERT_PATH, DEFAULT_KEY_PATH};
 
@@ -128,10 +129,12 @@ pub enum ConfigError {
 }
 
 /// What `OBSERVABILITY_CONFIG` switches on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observability {
     pub request_log: bool,
     pub probe_request_log: bool,
+    /// Its `tracing` object (knative.dev/pkg `observability.Config`).
+    pub tracing: TracingConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -437,8 +440,8 @@ impl Config {
     }
 }
 
-/// Knative's observability config is JSON; only the request-log switches matter here, and
-/// unknown keys are ignored so newer controllers keep working.
+/// Knative's observability config is JSON; the request-log switches and the tracing
+/// settings matter here, and unknown keys are ignored so newer controllers keep working.
 fn parse_observability(json: Option<&str>) -> Result<Observability, ConfigError> {
     let Some(json) = json else {
         return Ok(Observability::default());
@@ -464,9 +467,12 @@ fn parse_observability(json: Option<&str>) -> Result<Observability, ConfigError>
     };
     // Only `enableRequestLog` switches the log on, as in Knative's queue-proxy
     // (`pkg/queue/sharedmain/handlers.go`); a template alone does not.
+    let tracing = TracingConfig::from_observability_json(obj.get("tracing"))
+        .map_err(|e| invalid(e.to_string()))?;
     Ok(Observability {
         request_log: flag("enableRequestLog")?,
         probe_request_log: flag("enableProbeRequestLog")?,
+        tracing,
     })
 }
 

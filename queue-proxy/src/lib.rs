@@ -147,6 +147,14 @@ pub fn build_state(config: &Config) -> Result<Arc<State>, RunError> {
         metrics: Arc::new(UserMetrics::new(config)?),
         autoscaler: AutoscalerStats::new(config),
         request_log: config.observability.request_log,
+        tracing: config
+            .observability
+            .tracing
+            .is_on()
+            .then(|| crate::server::TraceNames {
+                namespace: config.namespace.clone(),
+                revision: config.revision.clone(),
+            }),
         identity: http::HeaderValue::from_str(&thaw_shared::headers::revision_identity(
             &config.namespace,
             &config.revision,

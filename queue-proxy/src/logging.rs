@@ -10,6 +10,11 @@ fn level_from_knative(level: &str) -> &'static str {
     }
 }
 
-pub fn init(knative_level: &str) {
-    thaw_shared::logging::init(level_from_knative(knative_level));
+/// Installs the subscriber; with a tracer, request spans are exported too.
+pub fn init(knative_level: &str, tracer: Option<thaw_shared::trace::Tracer>) {
+    thaw_shared::logging::init_traced(
+        level_from_knative(knative_level),
+        thaw_shared::logging::LogFormat::Json,
+        tracer,
+    );
 }

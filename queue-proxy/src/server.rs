@@ -16,7 +16,9 @@ use thaw_shared::probe::Prober;
 use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
+use thaw_shared::trace;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use thaw_shared::body::{self, empty, local, text, PROMETHEUS_TEXT};
 
@@ -35,8 +37,17 @@ pub struct State {
     pub metrics: Arc<UserMetrics>,
     pub autoscaler: AutoscalerStats,
     pub request_log: bool,
+    /// Only while tracing is on: what the request spans say of the revision.
+    pub tracing: Option<TraceNames>,
     /// `Thaw-Revision` for health-check answers; `None` if the names cannot be a header.
     pub identity: Option<HeaderValue>,
+}
+
+/// The revision, as request spans name it.
+#[derive(Debug, Clone)]
+pub struct TraceNames {
+    pub namespace: String,
+    pub revision: String,
 }
 
 /// The user-traffic stack, outermost first.
@@ -63,12 +74,37 @@ pub async fn handle(
     }
     // 3. Real traffic keeps a draining pod alive until it has been quiet for a while.
     state.drainer.touch();
-    // 4. Timeouts start now, so the wait in the breaker counts.
+    // 4. Tracing, only when on: the request's server span, a child of the caller's
+    //    `traceparent`; the rest of the path runs in it. Off, nothing is created or read.
+    //    Probes above are not traced, as in Knative.
+    if let Some(names) = &state.tracing {
+        let span = trace::server_span(
+            "queue",
+            &req,
+            trace::RevisionAttrs {
+                namespace: &names.namespace,
+                name: &names.revision,
+            },
+        );
+        let traced = serve(state, conn, req, Some(span.clone()));
+        return Box::pin(traced.instrument(span)).await;
+    }
+    serve(state, conn, req, None).await
+}
+
+/// Steps 5 to 10 of the stack: everything after the probes and the span.
+async fn serve(
+    state: &Arc<State>,
+    conn: &Arc<Connection>,
+    mut req: Request<Incoming>,
+    span: Option<tracing::Span>,
+) -> Response<ResponseBody> {
+    // 5. Timeouts start now, so the wait in the breaker counts.
     let started = Instant::now();
     let version = req.version();
-    // 5. Apps that only read `Forwarded` still see where the request came from.
+    // 6. Apps that only read `Forwarded` still see where the request came from.
     proxy::forwarded_shim(req.headers_mut());
-    // 6. Count the arrival before the breaker so the autoscaler sees queued demand too;
+    // 7. Count the arrival before the breaker so the autoscaler sees queued demand too;
     //    kubelet probes forwarded to the app are not demand.
     let kubelet = req.headers().contains_key(headers::K_KUBELET_PROBE);
     let proxied = req
@@ -79,6 +115,7 @@ pub async fn handle(
         record: Some(state.metrics.start(started)),
         permit: None,
         in_flight: (!kubelet).then(|| state.stats.arrive(proxied)),
+        span,
     };
     if state.request_log {
         if let Some(record) = guard.record.as_mut() {
@@ -89,25 +126,37 @@ pub async fn handle(
             });
         }
     }
-    // 7. The activator moved the client's Host aside; restore it for the app.
+    // 8. The activator moved the client's Host aside; restore it for the app.
     if let Some(host) = req.headers_mut().remove(headers::K_ORIGINAL_HOST) {
         req.headers_mut().insert(HOST, host);
     }
-    // 8 + 9. Breaker, then the proxy, both under the timeouts.
+    // 9 + 10. Breaker, then the proxy, both under the timeouts.
     let breaker = if kubelet {
         None
     } else {
         state.breaker.as_ref()
     };
+    let traced = guard.span.clone();
     let head = async {
         if let Some(breaker) = breaker {
-            match breaker.acquire().await {
+            // Knative's name for the wait in the breaker, a child of the request span.
+            let wait = traced
+                .as_ref()
+                .map(|_| tracing::info_span!(target: trace::TARGET, "kn.queueproxy.wait"));
+            let acquired = breaker.acquire().await;
+            drop(wait);
+            match acquired {
                 Ok(permit) => guard.permit = Some(permit),
                 Err(full) => return Err(Refused::Full(full)),
             }
         }
         req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
         req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
+        // With tracing on, the app's parent is this proxy's span; off, the caller's
+        // `traceparent` and `tracestate` pass untouched like any other header.
+        if let Some(span) = &traced {
+            trace::inject(span, req.headers_mut());
+        }
         proxy::prepare_request(&mut req, Some(conn.client_ip()));
         proxy::relay_informational(&mut req, conn);
         state
@@ -121,6 +170,9 @@ pub async fn handle(
         Ok(Ok(resp)) => {
             if let Some(record) = guard.record.as_mut() {
                 record.status(resp.status());
+            }
+            if let Some(span) = &guard.span {
+                trace::record_status(span, resp.status());
             }
             // An upgraded connection keeps its slot until it closes (CONTRACT §1.4); a
             // client that stops reading does not keep it past the timeouts.
@@ -142,6 +194,9 @@ pub async fn handle(
     };
     if let Some(record) = guard.record.as_mut() {
         record.status(resp.status());
+    }
+    if let Some(span) = &guard.span {
+        trace::record_status(span, resp.status());
     }
     resp
 }

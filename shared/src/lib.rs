@@ -25,3 +25,4 @@ pub mod serve;
 pub mod stats;
 pub mod timeout;
 pub mod tls;
+pub mod trace;

@@ -30,6 +30,7 @@ pub fn set_level(level: &str) -> Result<(), LevelError> {
         return Err(LevelError::Overridden);
     }
     let filter = EnvFilter::try_new(level).map_err(|_| LevelError::Invalid(level.to_owned()))?;
+    let filter = without_spans(filter);
     let set = SET_LEVEL.get().ok_or(LevelError::NotInstalled)?;
     set(filter).map_err(LevelError::Reload)
 }
@@ -46,6 +47,62 @@ pub enum LogFormat {
 /// Installs the process-wide subscriber at `default_level` unless `RUST_LOG` is set.
 pub fn init(default_level: &str) {
     init_with(default_level, LogFormat::Json);
+}
+
+/// Log lines never show the request spans kept for tracing: they are for the exporter.
+fn without_spans(filter: EnvFilter) -> EnvFilter {
+    match format!("{}=off", crate::trace::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+/// As [`init_with`], and when `tracer` is given, the request spans (target
+/// [`crate::trace::TARGET`], and only those) also go to it. Without a tracer the
+/// subscriber is exactly [`init_with`]'s, so tracing off costs the log path nothing.
+pub fn init_traced(default_level: &str, format: LogFormat, tracer: Option<crate::trace::Tracer>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let Some(tracer) = tracer else {
+        return init_with(default_level, format);
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Per-layer filters: the log level must not decide which spans are exported.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(without_spans(filter));
+    let _ = SET_LEVEL.set(Box::new(move |f| {
+        handle.reload(f).map_err(|e| e.to_string())
+    }));
+    let spans = tracing_subscriber::filter::Targets::new()
+        .with_target(crate::trace::TARGET, tracing::Level::TRACE);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_level(false)
+        .with_target(false)
+        .with_filter(spans);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let text = match format {
+        LogFormat::Json => false,
+        LogFormat::Text => true,
+        LogFormat::Auto => std::io::stdout().is_terminal(),
+    };
+    let registry = tracing_subscriber::registry().with(otel);
+    if text {
+        registry
+            .with(fmt.with_target(false).with_filter(filter))
+            .init();
+    } else {
+        let fmt = fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false);
+        registry.with(fmt.with_filter(filter)).init();
+    }
 }
 
 /// As [`init`], choosing the format.

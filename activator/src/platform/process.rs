@@ -97,6 +97,8 @@ pub struct PodTemplate {
     pub queue_proxy: QueueProxyCommand,
     /// The queue-proxy's `THAW_DRAIN_QUIET_PERIOD` (Knative's is 30 s; locally about 1 s).
     pub drain_quiet_period: Duration,
+    /// The queue-proxy's `OBSERVABILITY_CONFIG` (JSON; empty for Knative's defaults).
+    pub observability_config: String,
 }
 
 /// The loopback ports of one pod.
@@ -483,8 +485,8 @@ impl Spawner {
 
 /// The queue-proxy's environment: what Knative's controller sets (CONTRACT §1.2), plus
 /// the `THAW_*` overrides that let many queue-proxies share one machine. Nothing else of
-/// the activator's environment leaks in, except `PATH` and Rust's logging and backtrace
-/// switches.
+/// the activator's environment leaks in, except `PATH`, Rust's logging and backtrace
+/// switches, and OpenTelemetry's batch-processor settings (`OTEL_BSP_*`).
 fn queue_proxy_env(
     template: &PodTemplate,
     pod_name: &str,
@@ -545,7 +547,10 @@ fn queue_proxy_env(
         // loopback connect costs next to nothing.
         ("THAW_AGGRESSIVE_PROBE_INTERVAL", "2ms".to_owned()),
         ("SERVING_SERVICE", String::new()),
-        ("OBSERVABILITY_CONFIG", String::new()),
+        (
+            "OBSERVABILITY_CONFIG",
+            template.observability_config.clone(),
+        ),
     ];
     let mut env: Vec<(String, String)> = vars
         .into_iter()
@@ -556,6 +561,8 @@ fn queue_proxy_env(
             env.push((inherited.to_owned(), value));
         }
     }
+    // OpenTelemetry's own tuning (batch delay, queue size) applies to the whole path.
+    env.extend(std::env::vars().filter(|(name, _)| name.starts_with("OTEL_BSP_")));
     env
 }
 
@@ -951,6 +958,7 @@ mod tests {
                 args: Vec::new(),
             },
             drain_quiet_period: Duration::from_millis(500),
+            observability_config: String::new(),
         }
     }
 

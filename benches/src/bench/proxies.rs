@@ -17,18 +17,28 @@ use super::{
 pub enum Path {
     Direct,
     Nginx,
-    QueueProxy { cc: usize },
-    Activator { cc: usize },
+    QueueProxy {
+        cc: usize,
+    },
+    Activator {
+        cc: usize,
+    },
+    /// The activator path with tracing on in both proxies (every request sampled),
+    /// exporting to a sink that answers every OTLP request at once.
+    ActivatorTraced {
+        cc: usize,
+    },
 }
 
 /// Every scenario of the table, by its `--only` name, in order.
-pub const SCENARIOS: [(&str, Path); 6] = [
+pub const SCENARIOS: [(&str, Path); 7] = [
     ("direct", Path::Direct),
     ("nginx", Path::Nginx),
     ("qp-cc0", Path::QueueProxy { cc: 0 }),
     ("qp-cc100", Path::QueueProxy { cc: 100 }),
     ("activator-cc0", Path::Activator { cc: 0 }),
     ("activator-cc100", Path::Activator { cc: 100 }),
+    ("activator-cc0-traced", Path::ActivatorTraced { cc: 0 }),
 ];
 
 impl Path {
@@ -38,6 +48,9 @@ impl Path {
             Path::Nginx => "nginx, 1 worker".to_owned(),
             Path::QueueProxy { cc } => format!("queue-proxy CC={cc}"),
             Path::Activator { cc } => format!("activator → queue-proxy CC={cc}"),
+            Path::ActivatorTraced { cc } => {
+                format!("activator → queue-proxy CC={cc}, tracing on")
+            }
         }
     }
 }
@@ -142,6 +155,88 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Resul
             check_some_ok(&path.label(), &m.result)?;
             Ok(Sample::from(&m, Some(m.peaks[0]), Some(m.peaks[1])))
         }
+        Path::ActivatorTraced { cc } => {
+            let sink = OtlpSink::start().await?;
+            let cc_s = cc.to_string();
+            let observability = serde_json::json!({"tracing": {
+                "protocol": "http/protobuf", "endpoint": sink.endpoint, "samplingRate": 1}})
+            .to_string();
+            let qp = QueueProxy::start(
+                app.port(),
+                &[
+                    ("CONTAINER_CONCURRENCY", &cc_s),
+                    ("OBSERVABILITY_CONFIG", &observability),
+                ],
+            )
+            .await;
+            let act = Activator::start(
+                &static_revision_yaml(qp.serving.port(), cc),
+                &["--tracing-endpoint", &sink.endpoint],
+            )
+            .await;
+            wait_ok(act.http, "/", Some("hello.local")).await?;
+            let spec = ctx.spec(act.http, "/", conns).header("host", "hello.local");
+            let m = run_with_rss(&spec, &[act.pid(), qp.pid() as u32]).await;
+            check_some_ok(&path.label(), &m.result)?;
+            let exported = sink.requests.load(std::sync::atomic::Ordering::Relaxed);
+            if exported == 0 {
+                return Err("no span reached the OTLP sink".to_owned());
+            }
+            Ok(Sample::from(&m, Some(m.peaks[0]), Some(m.peaks[1])))
+        }
+    }
+}
+
+/// A collector stand-in for the traced row: answers every request 200 at once, so the
+/// row measures the proxies' tracing, not a collector. Counts the exports it received.
+struct OtlpSink {
+    endpoint: String,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpSink {
+    async fn start() -> Result<OtlpSink, String> {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("OTLP sink: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&requests);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let counted = Arc::clone(&counted);
+                            async move {
+                                let _ = req.into_body().collect().await;
+                                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(OtlpSink {
+            endpoint: format!("http://{addr}"),
+            requests,
+            task,
+        })
+    }
+}
+
+impl Drop for OtlpSink {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -30,6 +30,7 @@ use super::kubernetes::sync::{self, Health, Source};
 use super::{BoxFuture, Platform, PlatformUpdate};
 use crate::config::Config;
 use crate::revision::RevisionId;
+use thaw_shared::trace::TracingConfig;
 
 /// Where the platform looks.
 #[derive(Debug, Clone)]
@@ -40,6 +41,9 @@ pub struct KnativeSettings {
     pub system_namespace: String,
     pub config_logging_name: String,
     pub config_observability_name: String,
+    /// The tracing settings read from config-observability at start, whose later changes
+    /// are reported; `None` when the flags set them.
+    pub tracing_at_start: Option<TracingConfig>,
 }
 
 struct Inner {
@@ -99,6 +103,11 @@ impl Inner {
                     self.request_log.store(on, Ordering::Relaxed);
                     tracing::info!(enabled = on, "request log set from the config map");
                 }
+                ConfigChange::TracingNeedsRestart => {
+                    tracing::warn!(
+                        "config-observability's tracing settings changed; like Knative's activator, this one reads them at start: restart it to apply them"
+                    );
+                }
                 ConfigChange::Invalid { config_map, error } => {
                     // At error, as Knative logs it, so that no level hides it.
                     tracing::error!(config_map, %error, "cannot use the config map; keeping the previous settings");
@@ -129,10 +138,13 @@ impl KnativePlatform {
     pub fn start(client: Client, settings: KnativeSettings) -> Self {
         let inner = Arc::new(Inner {
             index: Mutex::new(Index::new(settings.own_ip)),
-            observed: Mutex::new(Observed::new(
-                &settings.config_logging_name,
-                &settings.config_observability_name,
-            )),
+            observed: Mutex::new(
+                Observed::new(
+                    &settings.config_logging_name,
+                    &settings.config_observability_name,
+                )
+                .with_tracing_at_start(settings.tracing_at_start.clone()),
+            ),
             subscribers: Mutex::new(Vec::new()),
             health: Health::default(),
             request_log: AtomicBool::new(false),
@@ -290,6 +302,55 @@ pub async fn connect(config: &Config) -> Result<KnativePlatform, KnativeError> {
             system_namespace: config.knative_namespace.clone(),
             config_logging_name: config.config_logging_name.clone(),
             config_observability_name: config.config_observability_name.clone(),
+            tracing_at_start: config.tracing_from_platform.clone(),
         },
     ))
+}
+
+/// Why the tracing settings could not be read at start.
+#[derive(Debug, thiserror::Error)]
+pub enum TracingAtStartError {
+    #[error("no Kubernetes API to read {0} from: {1}")]
+    Client(String, #[source] kube::Error),
+    #[error("cannot read config map {0}: {1}")]
+    Read(String, #[source] kube::Error),
+    #[error("config map {0}: {1}")]
+    Invalid(String, thaw_shared::trace::ConfigError),
+    #[error("the API server did not answer for config map {0} within {1:?}")]
+    Timeout(String, std::time::Duration),
+}
+
+impl TracingAtStartError {
+    /// A bad value, as opposed to an API that could not be asked.
+    pub fn is_config(&self) -> bool {
+        matches!(self, TracingAtStartError::Invalid(..))
+    }
+}
+
+/// The tracing settings in `config-observability` (`tracing-protocol`,
+/// `tracing-endpoint`, `tracing-sampling-rate`), read once at start as Knative's
+/// activator reads them (serving's `otel.GetObservabilityConfig`); a missing config map
+/// means Knative's defaults (off).
+pub async fn tracing_at_start(config: &Config) -> Result<TracingConfig, TracingAtStartError> {
+    let name = &config.config_observability_name;
+    // Serving does not wait on tracing for long: an API server that does not answer is
+    // the platform's to report, with its own retries.
+    let limit = std::time::Duration::from_secs(5);
+    tokio::time::timeout(limit, read_tracing(config))
+        .await
+        .unwrap_or_else(|_| Err(TracingAtStartError::Timeout(name.clone(), limit)))
+}
+
+async fn read_tracing(config: &Config) -> Result<TracingConfig, TracingAtStartError> {
+    let name = &config.config_observability_name;
+    let client = Client::try_default()
+        .await
+        .map_err(|e| TracingAtStartError::Client(name.clone(), e))?;
+    let api: Api<ConfigMap> = Api::namespaced(client, &config.knative_namespace);
+    let data = match api.get_opt(name).await {
+        Ok(found) => found.and_then(|c| c.data).unwrap_or_default(),
+        Err(e) => return Err(TracingAtStartError::Read(name.clone(), e)),
+    };
+    TracingConfig::from_keys(|k| data.get(k).cloned())
+        .map_err(|e| TracingAtStartError::Invalid(name.clone(), e))
 }

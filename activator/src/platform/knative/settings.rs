@@ -4,12 +4,15 @@
 //! - `config-observability`: `logging.enable-request-log` turns the request log on; a
 //!   `logging.request-log-template` set to empty with it on is refused, as Knative's
 //!   validation refuses it. Thaw writes the fields of Knative's default template as a
-//!   JSON line whatever the template says (see the README).
+//!   JSON line whatever the template says (see the README). Its `tracing-*` keys are read
+//!   once, at start, as Knative's activator reads them ([`super::tracing_at_start`]); a
+//!   later change is reported as needing a restart, and a bad value as an error.
 //!
 //! Plain data: the watchers call [`Observed::apply`], [`Observed::delete`] and
 //! [`Observed::reset`], which return what changed.
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use thaw_shared::trace::TracingConfig;
 
 /// The component name Knative keys the activator's level with.
 const LEVEL_KEY: &str = "loglevel.activator";
@@ -20,6 +23,9 @@ pub enum ConfigChange {
     /// A tracing level: `debug`, `info`, `warn` or `error`.
     LogLevel(&'static str),
     RequestLog(bool),
+    /// config-observability's tracing settings differ from the ones the activator
+    /// started with; they apply at the next start.
+    TracingNeedsRestart,
     Invalid {
         config_map: String,
         error: String,
@@ -33,6 +39,11 @@ pub struct Observed {
     observability: String,
     level: Option<&'static str>,
     request_log: Option<bool>,
+    /// The tracing settings read from config-observability at start; `None` when the
+    /// flags decided them, and the config map's keys are not followed.
+    tracing_at_start: Option<TracingConfig>,
+    /// The last tracing settings seen that differ from those, reported once each.
+    tracing_reported: Option<TracingConfig>,
 }
 
 /// zap's level names onto tracing's; `dpanic`, `panic` and `fatal` log errors only.
@@ -62,7 +73,35 @@ impl Observed {
             observability: observability.to_owned(),
             level: None,
             request_log: None,
+            tracing_at_start: None,
+            tracing_reported: None,
         }
+    }
+
+    /// Follows config-observability's tracing keys against what the activator started with.
+    pub fn with_tracing_at_start(mut self, tracing: Option<TracingConfig>) -> Self {
+        self.tracing_at_start = tracing;
+        self
+    }
+
+    fn tracing(
+        &mut self,
+        data: &std::collections::BTreeMap<String, String>,
+    ) -> Option<Result<(), String>> {
+        let start = self.tracing_at_start.as_ref()?;
+        let now = match TracingConfig::from_keys(|k| data.get(k).cloned()) {
+            Ok(now) => now,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        if &now == start {
+            self.tracing_reported = None;
+            return None;
+        }
+        if self.tracing_reported.as_ref() == Some(&now) {
+            return None;
+        }
+        self.tracing_reported = Some(now);
+        Some(Ok(()))
     }
 
     fn log_level(
@@ -122,7 +161,7 @@ impl Observed {
             };
         }
         if name == self.observability {
-            return match Self::request_log(data) {
+            let mut changes = match Self::request_log(data) {
                 Err(e) => vec![invalid(e)],
                 Ok(on) if self.request_log == Some(on) => Vec::new(),
                 Ok(on) => {
@@ -130,6 +169,12 @@ impl Observed {
                     vec![ConfigChange::RequestLog(on)]
                 }
             };
+            match self.tracing(data) {
+                None => {}
+                Some(Ok(())) => changes.push(ConfigChange::TracingNeedsRestart),
+                Some(Err(e)) => changes.push(invalid(e)),
+            }
+            return changes;
         }
         Vec::new()
     }
@@ -256,6 +301,42 @@ mod tests {
                 &[("logging.enable-request-log", "true")]
             )),
             []
+        );
+    }
+
+    #[test]
+    fn a_tracing_change_in_config_observability_is_reported_once_as_needing_a_restart() {
+        let start = TracingConfig::from_keys(|_| None).unwrap();
+        let mut o = Observed::new("config-logging", "config-observability")
+            .with_tracing_at_start(Some(start));
+        assert_eq!(
+            o.apply(&cm("config-observability", &[])),
+            [ConfigChange::RequestLog(false)]
+        );
+        let on = [
+            ("tracing-protocol", "http/protobuf"),
+            ("tracing-endpoint", "http://otel:4318"),
+        ];
+        assert_eq!(
+            o.apply(&cm("config-observability", &on)),
+            [ConfigChange::TracingNeedsRestart]
+        );
+        assert_eq!(o.apply(&cm("config-observability", &on)), []);
+        let c = o.apply(&cm(
+            "config-observability",
+            &[("tracing-sampling-rate", "2")],
+        ));
+        assert!(
+            matches!(&c[..], [ConfigChange::Invalid { error, .. }] if error.starts_with("tracing-sampling-rate:")),
+            "{c:?}"
+        );
+        // Back to what it started with: nothing to restart for.
+        assert_eq!(o.apply(&cm("config-observability", &[])), []);
+        // Started from the flags: the config map's tracing keys are not followed.
+        let mut flags = Observed::new("config-logging", "config-observability");
+        assert_eq!(
+            flags.apply(&cm("config-observability", &on)),
+            [ConfigChange::RequestLog(false)]
         );
     }
 }

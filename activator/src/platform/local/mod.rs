@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use thaw_shared::autoscale::{Autoscaler, ScalingSettings};
+use thaw_shared::trace::TracingConfig;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -58,6 +59,9 @@ pub struct LocalSettings {
     /// Pods the platform runs at once, over all revisions: what this machine can hold.
     /// Knative's rate alone allows 1000 pods from zero; a laptop cannot run that.
     pub max_pods: usize,
+    /// The activator's tracing settings, handed to every queue-proxy in
+    /// `OBSERVABILITY_CONFIG` as Knative's controller does, so one flag traces the path.
+    pub tracing: TracingConfig,
 }
 
 impl LocalSettings {
@@ -386,6 +390,7 @@ async fn scale_revision(platform: Weak<Inner>, rt: Arc<RevisionRuntime>) {
         readiness_probe: rt.config.readiness_probe.clone(),
         queue_proxy: inner.settings.queue_proxy.clone(),
         drain_quiet_period: inner.settings.drain_quiet_period,
+        observability_config: observability_config(&inner.settings.tracing),
     };
     let tick_every = inner.settings.tick;
     let max_pods = inner.settings.max_pods;
@@ -624,6 +629,16 @@ async fn watch_ready(rt: Weak<RevisionRuntime>, pod: u64, serving: SocketAddr, f
             tracing::debug!(%revision, pod, ready_ms = ms as u64, "restarted pod ready after {ms} ms");
         }
         rt.wake.notify_one();
+    }
+}
+
+/// A queue-proxy's `OBSERVABILITY_CONFIG`: Knative's JSON with the tracing settings, or
+/// empty (Knative's defaults) when tracing is off.
+fn observability_config(tracing: &TracingConfig) -> String {
+    if tracing.is_on() {
+        serde_json::json!({ "tracing": tracing.to_observability_json() }).to_string()
+    } else {
+        String::new()
     }
 }
 
