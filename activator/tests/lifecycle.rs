@@ -43,6 +43,11 @@ fn help_documents_every_flag() {
         "[default: 8013]",
         "[default: 9090]",
         "[default: local]",
+        "--tracing-endpoint",
+        "THAW_TRACING_ENDPOINT",
+        "--tracing-protocol",
+        "--tracing-sampling-rate",
+        "THAW_TRACING_SAMPLING_RATE",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
