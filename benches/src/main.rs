@@ -57,8 +57,9 @@ struct Cli {
     #[arg(long, global = true, default_value = "32,256", value_parser = parse_connections)]
     connections: Connections,
 
-    /// Main-table scenarios to run, comma-separated: direct, nginx, qp-cc0, qp-cc100,
-    /// activator-cc0, activator-cc100, activator-cc0-traced (default: all)
+    /// Main-table scenarios to run, comma-separated: direct, nginx, nginx-nginx, qp-cc0,
+    /// qp-cc100, activator-alone, activator-cc0, activator-cc100, activator-cc0-traced
+    /// (default: all)
     #[arg(long, global = true, value_delimiter = ',')]
     only: Option<Vec<String>>,
 

@@ -303,6 +303,16 @@ async fn grpc_health() {
         app.get("/healthz").await,
         (StatusCode::OK, Bytes::from("ok"))
     );
+    // The activator's probe of a queue-proxy gets a queue-proxy's answer.
+    let queue_probe = Request::get("/healthz")
+        .header("host", "testapp.local")
+        .header("k-network-probe", "queue")
+        .body(Full::default())
+        .unwrap();
+    let resp = app.h1(queue_probe).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, Bytes::from("queue"));
 
     // None of the probes count as requests.
     assert_eq!(app.stats().await["requests"], 0);

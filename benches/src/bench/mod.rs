@@ -229,6 +229,8 @@ pub struct Measured {
     pub result: LoadResult,
     /// Peak RSS (KiB) per pid given, over the measured window.
     pub peaks: Vec<u64>,
+    /// Cores (user + sys CPU time ÷ wall time) per pid given, over the measured window.
+    pub cores: Vec<f64>,
     /// CPU (in cores) that processes other than this bench and its children used during
     /// the measured window, plus time stolen by the hypervisor: the machine's noise.
     pub foreign: f64,
@@ -247,6 +249,7 @@ pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> Measured {
             tokio::time::sleep(warmup).await;
             let started = std::time::Instant::now();
             let cpu0 = CpuSnapshot::take();
+            let own0: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
             loop {
                 for (peak, pid) in peaks.iter_mut().zip(&pids) {
                     *peak = (*peak).max(harness::rss_kib(*pid));
@@ -256,16 +259,25 @@ pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> Measured {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let foreign = CpuSnapshot::take().foreign_since(&cpu0, started.elapsed());
-            (peaks, foreign)
+            let elapsed = started.elapsed();
+            let cores = pids
+                .iter()
+                .zip(&own0)
+                .map(|(p, t0)| {
+                    cpu_time(*p).saturating_sub(*t0).as_secs_f64() / elapsed.as_secs_f64()
+                })
+                .collect();
+            let foreign = CpuSnapshot::take().foreign_since(&cpu0, elapsed);
+            (peaks, cores, foreign)
         })
     };
     let result = load::run_async(spec).await;
     stop.store(true, Ordering::Relaxed);
-    let (peaks, foreign) = sampler.await.expect("rss sampler");
+    let (peaks, cores, foreign) = sampler.await.expect("rss sampler");
     Measured {
         result,
         peaks,
+        cores,
         foreign,
     }
 }

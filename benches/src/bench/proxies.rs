@@ -17,7 +17,14 @@ use super::{
 pub enum Path {
     Direct,
     Nginx,
+    /// Two one-worker nginx in series: the reference for the activator → queue-proxy chain.
+    NginxChain,
     QueueProxy {
+        cc: usize,
+    },
+    /// The activator with the test app as its pod (the app answers the activator's
+    /// probe as a queue-proxy would), no queue-proxy: compared with one nginx.
+    ActivatorAlone {
         cc: usize,
     },
     Activator {
@@ -31,11 +38,13 @@ pub enum Path {
 }
 
 /// Every scenario of the table, by its `--only` name, in order.
-pub const SCENARIOS: [(&str, Path); 7] = [
+pub const SCENARIOS: [(&str, Path); 9] = [
     ("direct", Path::Direct),
     ("nginx", Path::Nginx),
+    ("nginx-nginx", Path::NginxChain),
     ("qp-cc0", Path::QueueProxy { cc: 0 }),
     ("qp-cc100", Path::QueueProxy { cc: 100 }),
+    ("activator-alone", Path::ActivatorAlone { cc: 0 }),
     ("activator-cc0", Path::Activator { cc: 0 }),
     ("activator-cc100", Path::Activator { cc: 100 }),
     ("activator-cc0-traced", Path::ActivatorTraced { cc: 0 }),
@@ -46,11 +55,23 @@ impl Path {
         match self {
             Path::Direct => "direct (test app)".to_owned(),
             Path::Nginx => "nginx, 1 worker".to_owned(),
+            Path::NginxChain => "nginx → nginx, 1 worker each".to_owned(),
+            Path::ActivatorAlone { cc } => format!("activator alone CC={cc}"),
             Path::QueueProxy { cc } => format!("queue-proxy CC={cc}"),
             Path::Activator { cc } => format!("activator → queue-proxy CC={cc}"),
             Path::ActivatorTraced { cc } => {
                 format!("activator → queue-proxy CC={cc}, tracing on")
             }
+        }
+    }
+
+    /// The reference row this path's ratios divide by: one nginx for one proxy, two in
+    /// series for the activator → queue-proxy chain; none for the references themselves.
+    fn reference(self) -> Option<Path> {
+        match self {
+            Path::Direct | Path::Nginx | Path::NginxChain => None,
+            Path::QueueProxy { .. } | Path::ActivatorAlone { .. } => Some(Path::Nginx),
+            Path::Activator { .. } | Path::ActivatorTraced { .. } => Some(Path::NginxChain),
         }
     }
 }
@@ -69,6 +90,9 @@ struct Sample {
     rss: Option<u64>,
     /// Peak RSS (KiB) of the queue-proxy behind the activator.
     behind_rss: Option<u64>,
+    /// CPU (user + sys) the proxy processes used per request served, µs: every proxy
+    /// of the path together (both nginx of the chain, activator plus queue-proxy).
+    cpu_us: Option<f64>,
     /// Cores other processes used meanwhile.
     foreign: f64,
 }
@@ -76,7 +100,10 @@ struct Sample {
 impl Sample {
     fn from(m: &Measured, rss: Option<u64>, behind_rss: Option<u64>) -> Sample {
         let r = &m.result;
+        let cores: f64 = m.cores.iter().sum();
+        let cpu_us = (!m.cores.is_empty() && r.rps() > 0.0).then(|| cores / r.rps() * 1e6);
         Sample {
+            cpu_us,
             foreign: m.foreign,
             rps: r.rps(),
             p50: r.p50_us() as f64,
@@ -134,6 +161,29 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Resul
             let m = run_with_rss(&spec, &[worker]).await;
             nginx.stop().await;
             check_some_ok("nginx", &m.result)?;
+            Ok(Sample::from(&m, Some(m.peaks[0]), None))
+        }
+        Path::NginxChain => {
+            let bin = ctx.nginx.clone().ok_or("nginx not found")?;
+            let back = Nginx::start(&bin, app).await?;
+            let front = Nginx::start(&bin, back.addr).await?;
+            let workers = [front.worker_pid(), back.worker_pid()];
+            let [Some(front_worker), Some(back_worker)] = workers else {
+                return Err("no nginx worker process".to_owned());
+            };
+            let spec = ctx.spec(front.addr, "/", conns);
+            let m = run_with_rss(&spec, &[front_worker, back_worker]).await;
+            front.stop().await;
+            back.stop().await;
+            check_some_ok(&path.label(), &m.result)?;
+            Ok(Sample::from(&m, Some(m.peaks[0]), Some(m.peaks[1])))
+        }
+        Path::ActivatorAlone { cc } => {
+            let act = Activator::start(&static_revision_yaml(app.port(), cc), &[]).await;
+            wait_ok(act.http, "/", Some("hello.local")).await?;
+            let spec = ctx.spec(act.http, "/", conns).header("host", "hello.local");
+            let m = run_with_rss(&spec, &[act.pid()]).await;
+            check_some_ok(&path.label(), &m.result)?;
             Ok(Sample::from(&m, Some(m.peaks[0]), None))
         }
         Path::QueueProxy { cc } => {
@@ -251,7 +301,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
     };
     let paths: Vec<Path> = paths
         .into_iter()
-        .filter(|p| *p != Path::Nginx || ctx.nginx.is_some())
+        .filter(|p| !matches!(p, Path::Nginx | Path::NginxChain) || ctx.nginx.is_some())
         .collect();
     if ctx.nginx.is_none() {
         section.line("nginx not found: its rows are skipped (apt-get install nginx)\n");
@@ -298,47 +348,68 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
         drop(app);
     }
 
-    let nginx_index = paths.iter().position(|p| *p == Path::Nginx);
-    let mut table = Table::new(&[
+    const COLUMNS: [&str; 15] = [
         "path",
         "conns",
+        "CPU µs/req: median (min–max)",
+        "CPU ÷ ref",
         "rps: median (min–max)",
+        "rps ÷ ref",
         "p50 ms",
         "p90 ms",
         "p99 ms: median (min–max)",
+        "p99 ÷ ref",
         "max ms",
         "errors",
         "peak RSS MiB",
-        "rps ÷ nginx",
-        "p99 ÷ nginx",
+        "ref",
         "other CPU",
-    ]);
+    ];
+    let mut table = Table::new(&COLUMNS);
     let mut notes = Vec::new();
     for &conns in &ctx.connections {
-        let nginx = nginx_index.and_then(|n| samples.get(&(n, conns)));
-        let nginx_rps = nginx.map(|s| median(&s.iter().map(|x| x.rps).collect::<Vec<_>>()));
-        let nginx_p99 = nginx.map(|s| median(&s.iter().map(|x| x.p99).collect::<Vec<_>>()));
+        // The medians of a path's cells at this connection count: (cpu, rps, p99).
+        let medians = |path: Path| {
+            let i = paths.iter().position(|p| *p == path)?;
+            let s = samples.get(&(i, conns))?;
+            let cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_us).collect();
+            Some((
+                (!cpu.is_empty()).then(|| median(&cpu)),
+                median(&s.iter().map(|x| x.rps).collect::<Vec<_>>()),
+                median(&s.iter().map(|x| x.p99).collect::<Vec<_>>()),
+            ))
+        };
         for (i, &path) in paths.iter().enumerate() {
             let Some(s) = samples.get(&(i, conns)) else {
                 let why = failed.get(&(i, conns)).cloned().unwrap_or_default();
                 let mut cells = vec![path.label(), conns.to_string(), format!("FAILED: {why}")];
-                cells.resize(12, String::new());
+                cells.resize(COLUMNS.len(), String::new());
                 table.row(cells);
                 continue;
             };
             let col = |f: fn(&Sample) -> f64| s.iter().map(f).collect::<Vec<f64>>();
             let rps = col(|x| x.rps);
             let p99 = col(|x| x.p99);
+            let cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_us).collect();
             let max = s.iter().map(|x| x.max).fold(0.0, f64::max);
             let errors: u64 = s.iter().map(|x| x.errors).sum();
             let rss = s.iter().filter_map(|x| x.rss).max();
-            let (rps_ratio, p99_ratio) = match (path, nginx_rps, nginx_p99) {
-                (Path::Direct | Path::Nginx, _, _) | (_, None, _) | (_, _, None) => {
-                    ("—".to_owned(), "—".to_owned())
-                }
-                (_, Some(nr), Some(np)) => (
-                    format!("{:.2}×", median(&rps) / nr),
-                    format!("{:.2}×", median(&p99) / np),
+            let reference = path.reference().and_then(|r| Some((r, medians(r)?)));
+            let ratio = |ours: f64, theirs: f64| format!("{:.2}×", ours / theirs);
+            let dash = || "—".to_owned();
+            let (cpu_ratio, rps_ratio, p99_ratio, ref_label) = match reference {
+                None => (dash(), dash(), dash(), dash()),
+                Some((r, (ref_cpu, ref_rps, ref_p99))) => (
+                    match (cpu.is_empty(), ref_cpu) {
+                        (false, Some(c)) => ratio(median(&cpu), c),
+                        _ => dash(),
+                    },
+                    ratio(median(&rps), ref_rps),
+                    ratio(median(&p99), ref_p99),
+                    match r {
+                        Path::NginxChain => "nginx → nginx".to_owned(),
+                        _ => "nginx".to_owned(),
+                    },
                 ),
             };
             if errors > 0 {
@@ -356,8 +427,12 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
                 ));
             }
             if let Some(behind) = s.iter().filter_map(|x| x.behind_rss).max() {
+                let (front, back) = match path {
+                    Path::NginxChain => ("front nginx worker", "nginx worker behind it"),
+                    _ => ("activator", "queue-proxy behind it"),
+                };
                 notes.push(format!(
-                    "{} at {conns} connections: the RSS column is the activator's; the queue-proxy behind it peaked at {} MiB",
+                    "{} at {conns} connections: the RSS column is the {front}'s; the {back} peaked at {} MiB",
                     path.label(),
                     mib(behind)
                 ));
@@ -365,22 +440,29 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
             table.row(vec![
                 path.label(),
                 conns.to_string(),
+                if cpu.is_empty() {
+                    dash()
+                } else {
+                    cpu_spread(&cpu)
+                },
+                cpu_ratio,
                 rps_spread(&rps),
+                rps_ratio,
                 ms(median(&col(|x| x.p50))),
                 ms(median(&col(|x| x.p90))),
                 ms_spread(&p99),
+                p99_ratio,
                 ms(max),
                 errors.to_string(),
                 rss.map_or("—".to_owned(), mib),
-                rps_ratio,
-                p99_ratio,
+                ref_label,
                 format!("{:.2}", s.iter().map(|x| x.foreign).fold(0.0, f64::max)),
             ]);
         }
     }
     section.line(&table.render());
     section.line(&format!(
-        "GET / (12-byte `hello world` body) over HTTP/1.1 keep-alive, closed loop, {} warm-up + {} measured per cell, {} repetition(s) interleaved (every path once per repetition, one test app process per repetition, a fresh proxy process per cell). rps and p99 show the median and the min–max over repetitions; p50 and p90 are medians; max is the worst of all repetitions; errors are summed; peak RSS is the highest of the 100 ms samples during the measured windows (nginx: its worker process). Ratios divide medians by nginx's at the same connection count. \"other CPU\" is the most CPU (in cores, of {}) that processes outside this bench and its children used during one of the cell's measured windows, plus hypervisor steal: well above 0 means the machine was not quiet and that cell's spread is noise.",
+        "GET / (12-byte `hello world` body) over HTTP/1.1 keep-alive, closed loop, {} warm-up + {} measured per cell, {} repetition(s) interleaved (every path once per repetition, one test app process per repetition, a fresh proxy process per cell). rps and p99 show the median and the min–max over repetitions; p50 and p90 are medians; max is the worst of all repetitions; errors are summed; peak RSS is the highest of the 100 ms samples during the measured windows (nginx: its worker process). CPU µs/req is the user + sys CPU time (from `/proc/PID/stat`) of the path's proxy processes over the measured window, every proxy of the path added up (the activator and the queue-proxy behind it; both nginx workers of the chain), divided by the requests served in it; the load generator and the app are not counted. Ratios divide medians by the reference row's (`ref`) at the same connection count: one nginx for one proxy, nginx → nginx for the activator → queue-proxy chain. \"other CPU\" is the most CPU (in cores, of {}) that processes outside this bench and its children used during one of the cell's measured windows, plus hypervisor steal: well above 0 means the machine was not quiet and that cell's spread is noise.",
         humantime(ctx.warmup),
         humantime(ctx.duration),
         ctx.reps,
@@ -393,6 +475,16 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
         }
     }
     section
+}
+
+/// `21.4 (20.9–22.8)` µs per request.
+fn cpu_spread(values: &[f64]) -> String {
+    let (m, lo, hi) = super::spread(values);
+    if values.len() < 2 {
+        format!("{m:.1}")
+    } else {
+        format!("{m:.1} ({lo:.1}–{hi:.1})")
+    }
 }
 
 pub fn humantime(d: std::time::Duration) -> String {

@@ -51,7 +51,8 @@ ROUTES (query parameters in brackets are optional, with their defaults):
     /hang                 never answers
     /hang-body            200 + chunk \"started\\n\", then the body never ends
     /crash                the process exits with status 3 at once
-    /healthz              200 \"ok\", or 503 \"not ready\" after /ready?state=off
+    /healthz              200 \"ok\", or 503 \"not ready\" after /ready?state=off;
+                          with `K-Network-Probe: queue`, 200 \"queue\" as a queue-proxy
     /ready?state=on|off   toggle readiness (also drives gRPC health)
     /stats                200 JSON {in_flight, max_in_flight, violations, requests}
     /stats/reset          zero max_in_flight, violations and requests

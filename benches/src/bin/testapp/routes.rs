@@ -104,7 +104,7 @@ pub async fn handle(
             app.counters.reset();
             return Ok(text(StatusCode::OK, "ok"));
         }
-        Route::Healthz => return Ok(healthz(app)),
+        Route::Healthz => return Ok(healthz(app, &req)),
         Route::Ready => return Ok(ready(app, &req)),
         Route::GrpcHealth => return Ok(grpc::health(app, req).await),
         _ => {}
@@ -288,9 +288,16 @@ fn sse(query: Option<&str>) -> Result<Response<AppBody>, BadParam> {
     Ok(response)
 }
 
-fn healthz(app: &App) -> Response<AppBody> {
+/// Answers a queue-proxy's probe (`K-Network-Probe: queue`) as a queue-proxy would, with
+/// body `queue`, so the activator can use the app as a pod directly: the bench's
+/// "activator alone" row.
+fn healthz(app: &App, req: &Request<Incoming>) -> Response<AppBody> {
+    let queue_probe = req
+        .headers()
+        .get("k-network-probe")
+        .is_some_and(|v| v.as_bytes() == b"queue");
     if app.is_ready() {
-        text(StatusCode::OK, "ok")
+        text(StatusCode::OK, if queue_probe { "queue" } else { "ok" })
     } else {
         text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
