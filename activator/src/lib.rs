@@ -205,11 +205,8 @@ pub async fn run_with(
     let (stop_traffic, traffic_stopped) = watch::channel(false);
     let (stop_aux, aux_stopped) = watch::channel(false);
     let s = Arc::clone(&state);
-    let handler = move |conn: &Arc<Connection>, req| {
-        let s = Arc::clone(&s);
-        let conn = Arc::clone(conn);
-        async move { server::handle(&s, &conn, req).await }
-    };
+    let handler =
+        move |conn: &Arc<Connection>, req| server::handle(Arc::clone(&s), Arc::clone(conn), req);
     let traffic = [
         tokio::spawn(serve::serve(
             http,

@@ -1,6 +1,7 @@
 //! The activator's request stack, assembled in one place and in the order of CONTRACT
 //! §2.2, plus its metrics endpoint.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,6 @@ use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::InFlight;
 use thaw_shared::trace;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use thaw_shared::body::{self, local, text, PROMETHEUS_TEXT};
 
@@ -72,7 +72,8 @@ pub struct RequestGuard {
     _permit: Option<PodPermit>,
     _in_flight: InFlight,
     /// Only while tracing is on: the request's span, which ends with the response.
-    span: Option<tracing::Span>,
+    /// Boxed so that, with tracing off, it costs the request one null pointer.
+    span: Option<Box<tracing::Span>>,
 }
 
 /// The request, as its log line shows it.
@@ -105,125 +106,129 @@ impl Drop for RequestGuard {
 }
 
 /// The user-traffic stack, outermost first.
-pub async fn handle(
-    state: &Arc<State>,
-    conn: &Arc<Connection>,
+///
+/// A function returning one `async move` block rather than an `async fn`: an `async fn`
+/// keeps a second copy of its arguments in its future (the request head alone is 264
+/// bytes), and hyper moves the future it is given.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn handle(
+    state: Arc<State>,
+    conn: Arc<Connection>,
     mut req: Request<Incoming>,
-) -> Response<ResponseBody> {
-    // 0. A request whose target is ambiguous goes no further.
-    if let Err(err) = framing::check_target(&mut req) {
-        return framing::refuse(err);
-    }
-    // 1. Kubelet probes ask whether this activator can take traffic at all.
-    if is_kubelet_probe(&req) {
-        return readiness(state);
-    }
-    // 2 + 3. Network probes from the ingress and the autoscaler are answered here.
-    if let Some(probe) = req.headers().get(headers::K_NETWORK_PROBE) {
-        return network_probe(state, probe, &req);
-    }
-    // 4. Which revision: unknown ones are 404.
-    let Some(revision) = state
-        .registry
-        .identify(req.headers(), req.uri(), &state.cluster_domain)
-    else {
-        return text(StatusCode::NOT_FOUND, "unknown revision");
-    };
-    // 5. Tracing, only when on: the request's server span, a child of the caller's
-    //    `traceparent`, with the revision; the rest of the path runs in it. Off, nothing
-    //    is created or read. Probes above are not traced, as in Knative.
-    if state.tracing {
-        let id = &revision.spec.id;
-        let span = trace::server_span(
-            "activator",
-            &req,
-            trace::RevisionAttrs {
-                namespace: &id.namespace,
-                name: &id.name,
-            },
+) -> impl Future<Output = Response<ResponseBody>> + Send {
+    async move {
+        // 0. A request whose target is ambiguous goes no further.
+        if let Err(err) = framing::check_target(&mut req) {
+            return framing::refuse(err);
+        }
+        // 1. Kubelet probes ask whether this activator can take traffic at all.
+        if is_kubelet_probe(&req) {
+            return readiness(&state);
+        }
+        // 2 + 3. Network probes from the ingress and the autoscaler are answered here.
+        if let Some(probe) = req.headers().get(headers::K_NETWORK_PROBE) {
+            return network_probe(&state, probe, &req);
+        }
+        // 4. Which revision: unknown ones are 404.
+        let Some(revision) =
+            state
+                .registry
+                .identify(req.headers(), req.uri(), &state.cluster_domain)
+        else {
+            return text(StatusCode::NOT_FOUND, "unknown revision");
+        };
+        // 5. Tracing, only when on: the request's server span, a child of the caller's
+        //    `traceparent`, with the revision. Its children name it as their parent, so
+        //    the path is never wrapped in it: off, nothing is created or read, and the
+        //    request holds one null pointer for it. Probes above are not traced, as in
+        //    Knative.
+        let span = state.tracing.then(|| {
+            let id = &revision.spec.id;
+            Box::new(trace::server_span(
+                "activator",
+                &req,
+                trace::RevisionAttrs {
+                    namespace: &id.namespace,
+                    name: &id.name,
+                },
+            ))
+        });
+        let started = Instant::now();
+        // 6. Concurrency is reported for every request, waiting ones included: that is the
+        //    demand the autoscaler scales on.
+        let in_flight = state.stats.arrive(&revision.spec.id);
+        // 7. The revision's timeouts; the wait in the throttler counts.
+        let timeouts = revision.spec.timeouts;
+        let log = state.platform.request_log().then(|| {
+            Box::new(LogInfo {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                version: req.version(),
+            })
+        });
+        let mut guard = RequestGuard {
+            revision: Arc::clone(&revision),
+            started,
+            status: StatusCode::OK,
+            log,
+            _permit: None,
+            _in_flight: in_flight,
+            span,
+        };
+        let version = req.version();
+        // 8 + 9. The throttler, then the proxy.
+        let head = throttle_and_proxy(
+            &state,
+            &revision,
+            &conn,
+            req,
+            started,
+            guard.span.as_deref(),
         );
-        let traced = serve(state, conn, req, revision, Some(span.clone()));
-        return Box::pin(traced.instrument(span)).await;
-    }
-    serve(state, conn, req, revision, None).await
-}
-
-/// Steps 6 to 9 of the stack: everything after the revision and its span.
-async fn serve(
-    state: &Arc<State>,
-    conn: &Arc<Connection>,
-    req: Request<Incoming>,
-    revision: Arc<Revision>,
-    span: Option<tracing::Span>,
-) -> Response<ResponseBody> {
-    let started = Instant::now();
-    // 6. Concurrency is reported for every request, waiting ones included: that is the
-    //    demand the autoscaler scales on.
-    let in_flight = state.stats.arrive(&revision.spec.id);
-    // 7. The revision's timeouts; the wait in the throttler counts.
-    let timeouts = revision.spec.timeouts;
-    let log = state.platform.request_log().then(|| {
-        Box::new(LogInfo {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-        })
-    });
-    let mut guard = RequestGuard {
-        revision: Arc::clone(&revision),
-        started,
-        status: StatusCode::OK,
-        log,
-        _permit: None,
-        _in_flight: in_flight,
-        span,
-    };
-    let version = req.version();
-    // 8 + 9. The throttler, then the proxy.
-    let head = throttle_and_proxy(state, &revision, conn, req, started, guard.span.as_ref());
-    let resp = match timeouts.before_first_byte(started, head).await {
-        Ok(Ok((resp, permit, cold_wait))) => {
-            let (mut parts, body) = resp.into_parts();
-            if let Some(waited) = cold_wait {
-                revision.metrics.cold_start(waited);
-                if revision.backends.first_cold_response() {
-                    let ms = waited.as_millis();
-                    tracing::info!(revision = %revision.spec.id, cold_start_ms = ms as u64, "served after cold start of {ms} ms");
+        let resp = match timeouts.before_first_byte(started, head).await {
+            Ok(Ok((resp, permit, cold_wait))) => {
+                let (mut parts, body) = resp.into_parts();
+                if let Some(waited) = cold_wait {
+                    revision.metrics.cold_start(waited);
+                    if revision.backends.first_cold_response() {
+                        let ms = waited.as_millis();
+                        tracing::info!(revision = %revision.spec.id, cold_start_ms = ms as u64, "served after cold start of {ms} ms");
+                    }
+                    if let Ok(v) = HeaderValue::from_str(&waited.as_millis().to_string()) {
+                        parts.headers.insert(headers::THAW_COLD_START, v);
+                    }
                 }
-                if let Ok(v) = HeaderValue::from_str(&waited.as_millis().to_string()) {
-                    parts.headers.insert(headers::THAW_COLD_START, v);
-                }
+                guard.status = parts.status;
+                guard._permit = Some(permit);
+                // An upgraded connection keeps its pod permit until it closes; a client that
+                // stops reading does not keep it past the timeouts.
+                let resp = Response::from_parts(parts, body);
+                return body::proxied_response(resp, guard, &conn, version, &timeouts, started);
             }
-            guard.status = parts.status;
-            guard._permit = Some(permit);
-            // An upgraded connection keeps its pod permit until it closes; a client that
-            // stops reading does not keep it past the timeouts.
-            let resp = Response::from_parts(parts, body);
-            return body::proxied_response(resp, guard, conn, version, &timeouts, started);
-        }
-        Ok(Err(Refused::Throttled(e @ ThrottleError::Unavailable { .. }))) => {
-            tracing::warn!(revision = %revision.spec.id, error = %e, "revision unavailable");
-            text(StatusCode::BAD_GATEWAY, e.to_string())
-        }
-        Ok(Err(Refused::Throttled(e))) => {
-            revision.metrics.rejected();
-            let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            resp
-        }
-        Ok(Err(Refused::Upstream(e))) if e.is_client_fault() => {
-            tracing::debug!(revision = %revision.spec.id, error = %e, "client sent a malformed body");
-            text(e.status(), e.to_string())
-        }
-        Ok(Err(Refused::Upstream(e))) => {
-            tracing::warn!(revision = %revision.spec.id, error = %e, "pod unreachable");
-            text(StatusCode::BAD_GATEWAY, e.to_string())
-        }
-        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
-    };
-    guard.status = resp.status();
-    resp
+            Ok(Err(Refused::Throttled(e @ ThrottleError::Unavailable { .. }))) => {
+                tracing::warn!(revision = %revision.spec.id, error = %e, "revision unavailable");
+                text(StatusCode::BAD_GATEWAY, e.to_string())
+            }
+            Ok(Err(Refused::Throttled(e))) => {
+                revision.metrics.rejected();
+                let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                resp
+            }
+            Ok(Err(Refused::Upstream(e))) if e.is_client_fault() => {
+                tracing::debug!(revision = %revision.spec.id, error = %e, "client sent a malformed body");
+                text(e.status(), e.to_string())
+            }
+            Ok(Err(Refused::Upstream(e))) => {
+                tracing::warn!(revision = %revision.spec.id, error = %e, "pod unreachable");
+                text(StatusCode::BAD_GATEWAY, e.to_string())
+            }
+            Err(_) => text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
+        };
+        guard.status = resp.status();
+        resp
+    }
 }
 
 enum Refused {
@@ -256,9 +261,14 @@ async fn throttle_and_proxy(
     }
     // Knative's name for the wait for a pod (a cold start, or a busy revision), a child
     // of the request span; it ends once a pod's slot is this request's.
-    let wait = span.map(
-        |_| tracing::info_span!(target: trace::TARGET, "throttler_try", thaw.cold_start = cold),
-    );
+    let wait = span.map(|parent| {
+        tracing::info_span!(
+            target: trace::TARGET,
+            parent: parent,
+            "throttler_try",
+            thaw.cold_start = cold
+        )
+    });
     let permit = match revision
         .throttler
         .try_acquire()

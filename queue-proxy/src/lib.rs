@@ -220,11 +220,8 @@ pub async fn run_with(config: Config, mut inherited: Inherited) -> Result<(), Ru
 
     let mut traffic = Vec::new();
     let s = Arc::clone(&state);
-    let user_handler = move |conn: &Arc<Connection>, req| {
-        let s = Arc::clone(&s);
-        let conn = Arc::clone(conn);
-        async move { server::handle(&s, &conn, req).await }
-    };
+    let user_handler =
+        move |conn: &Arc<Connection>, req| server::handle(Arc::clone(&s), Arc::clone(conn), req);
     traffic.push(tokio::spawn(serve::serve(
         serving,
         Transport::Plain,

@@ -1,6 +1,7 @@
 //! The queue-proxy's listeners and the user-traffic stack, assembled in one place and in
 //! the order of CONTRACT §1.3.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,7 +19,6 @@ use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
 use thaw_shared::trace;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use thaw_shared::body::{self, empty, local, text, PROMETHEUS_TEXT};
 
@@ -51,154 +51,161 @@ pub struct TraceNames {
 }
 
 /// The user-traffic stack, outermost first.
-pub async fn handle(
-    state: &Arc<State>,
-    conn: &Arc<Connection>,
+///
+/// A function returning one `async move` block rather than an `async fn`: an `async fn`
+/// keeps a second copy of its arguments in its future (the request head alone is 264
+/// bytes), and hyper moves the future it is given.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn handle(
+    state: Arc<State>,
+    conn: Arc<Connection>,
     mut req: Request<Incoming>,
-) -> Response<ResponseBody> {
-    // 0. A request whose target is ambiguous goes no further.
-    if let Err(err) = framing::check_target(&mut req) {
-        return framing::refuse(err);
-    }
-    // 1. Health checks from the kubelet, activator and autoscaler never reach the app.
-    if req
-        .headers()
-        .get(USER_AGENT)
-        .is_some_and(|ua| headers::is_health_check_user_agent(ua.as_bytes()))
-    {
-        return health_check(state, &req).await;
-    }
-    // 2. The ingress prober checks the path through the mesh, not the app.
-    if let Some(resp) = ingress_probe(state, &req) {
-        return resp;
-    }
-    // 3. Real traffic keeps a draining pod alive until it has been quiet for a while.
-    state.drainer.touch();
-    // 4. Tracing, only when on: the request's server span, a child of the caller's
-    //    `traceparent`; the rest of the path runs in it. Off, nothing is created or read.
-    //    Probes above are not traced, as in Knative.
-    if let Some(names) = &state.tracing {
-        let span = trace::server_span(
-            "queue",
-            &req,
-            trace::RevisionAttrs {
-                namespace: &names.namespace,
-                name: &names.revision,
-            },
-        );
-        let traced = serve(state, conn, req, Some(span.clone()));
-        return Box::pin(traced.instrument(span)).await;
-    }
-    serve(state, conn, req, None).await
-}
-
-/// Steps 5 to 10 of the stack: everything after the probes and the span.
-async fn serve(
-    state: &Arc<State>,
-    conn: &Arc<Connection>,
-    mut req: Request<Incoming>,
-    span: Option<tracing::Span>,
-) -> Response<ResponseBody> {
-    // 5. Timeouts start now, so the wait in the breaker counts.
-    let started = Instant::now();
-    let version = req.version();
-    // 6. Apps that only read `Forwarded` still see where the request came from.
-    proxy::forwarded_shim(req.headers_mut());
-    // 7. Count the arrival before the breaker so the autoscaler sees queued demand too;
-    //    kubelet probes forwarded to the app are not demand.
-    let kubelet = req.headers().contains_key(headers::K_KUBELET_PROBE);
-    let proxied = req
-        .headers()
-        .get(headers::K_PROXY_REQUEST)
-        .is_some_and(|v| v.as_bytes() == headers::PROXY_REQUEST_ACTIVATOR.as_bytes());
-    let mut guard = RequestGuard {
-        record: Some(state.metrics.start(started)),
-        permit: None,
-        in_flight: (!kubelet).then(|| state.stats.arrive(proxied)),
-        span,
-    };
-    if state.request_log {
-        if let Some(record) = guard.record.as_mut() {
-            record.log_with(LogInfo {
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                version: req.version(),
-            });
+) -> impl Future<Output = Response<ResponseBody>> + Send {
+    async move {
+        // 0. A request whose target is ambiguous goes no further.
+        if let Err(err) = framing::check_target(&mut req) {
+            return framing::refuse(err);
         }
-    }
-    // 8. The activator moved the client's Host aside; restore it for the app.
-    if let Some(host) = req.headers_mut().remove(headers::K_ORIGINAL_HOST) {
-        req.headers_mut().insert(HOST, host);
-    }
-    // 9 + 10. Breaker, then the proxy, both under the timeouts.
-    let breaker = if kubelet {
-        None
-    } else {
-        state.breaker.as_ref()
-    };
-    let traced = guard.span.clone();
-    let head = async {
-        if let Some(breaker) = breaker {
-            // Knative's name for the wait in the breaker, a child of the request span.
-            let wait = traced
-                .as_ref()
-                .map(|_| tracing::info_span!(target: trace::TARGET, "kn.queueproxy.wait"));
-            let acquired = breaker.acquire().await;
-            drop(wait);
-            match acquired {
-                Ok(permit) => guard.permit = Some(permit),
-                Err(full) => return Err(Refused::Full(full)),
-            }
+        // 1. Health checks from the kubelet, activator and autoscaler never reach the app.
+        if req
+            .headers()
+            .get(USER_AGENT)
+            .is_some_and(|ua| headers::is_health_check_user_agent(ua.as_bytes()))
+        {
+            return health_check(&state, &req).await;
         }
-        req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
-        req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
-        // With tracing on, the app's parent is this proxy's span; off, the caller's
-        // `traceparent` and `tracestate` pass untouched like any other header.
-        if let Some(span) = &traced {
-            trace::inject(span, req.headers_mut());
+        // 2. The ingress prober checks the path through the mesh, not the app.
+        if let Some(resp) = ingress_probe(&state, &req) {
+            return resp;
         }
-        proxy::prepare_request(&mut req, Some(conn.client_ip()));
-        proxy::relay_informational(&mut req, conn);
-        state
-            .upstream
-            .forward(req, &state.upgrades)
-            .await
-            .map_err(Refused::Upstream)
-    };
-    let result = state.timeouts.before_first_byte(started, head).await;
-    let resp = match result {
-        Ok(Ok(resp)) => {
+        // 3. Real traffic keeps a draining pod alive until it has been quiet for a while.
+        state.drainer.touch();
+        // 4. Tracing, only when on: the request's server span, a child of the caller's
+        //    `traceparent`. Its children name it as their parent, so the path is never
+        //    wrapped in it: off, nothing is created or read, and the request holds one
+        //    null pointer for it. Probes above are not traced, as in Knative.
+        let span = state.tracing.as_ref().map(|names| {
+            Box::new(trace::server_span(
+                "queue",
+                &req,
+                trace::RevisionAttrs {
+                    namespace: &names.namespace,
+                    name: &names.revision,
+                },
+            ))
+        });
+        // 5. Timeouts start now, so the wait in the breaker counts.
+        let started = Instant::now();
+        let version = req.version();
+        // 6. Apps that only read `Forwarded` still see where the request came from.
+        proxy::forwarded_shim(req.headers_mut());
+        // 7. Count the arrival before the breaker so the autoscaler sees queued demand
+        //    too; kubelet probes forwarded to the app are not demand.
+        let kubelet = req.headers().contains_key(headers::K_KUBELET_PROBE);
+        let proxied = req
+            .headers()
+            .get(headers::K_PROXY_REQUEST)
+            .is_some_and(|v| v.as_bytes() == headers::PROXY_REQUEST_ACTIVATOR.as_bytes());
+        let mut guard = RequestGuard {
+            record: Some(state.metrics.start(started)),
+            permit: None,
+            in_flight: (!kubelet).then(|| state.stats.arrive(proxied)),
+            span,
+        };
+        if state.request_log {
             if let Some(record) = guard.record.as_mut() {
-                record.status(resp.status());
+                record.log_with(LogInfo {
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    version: req.version(),
+                });
             }
-            if let Some(span) = &guard.span {
-                trace::record_status(span, resp.status());
+        }
+        // 8. The activator moved the client's Host aside; restore it for the app.
+        if let Some(host) = req.headers_mut().remove(headers::K_ORIGINAL_HOST) {
+            req.headers_mut().insert(HOST, host);
+        }
+        // 9 + 10. Breaker, then the proxy, both under the timeouts.
+        let breaker = if kubelet {
+            None
+        } else {
+            state.breaker.as_ref()
+        };
+        let traced = guard.span.as_deref();
+        let head = async {
+            let permit = match breaker {
+                Some(breaker) => {
+                    // Knative's name for the wait in the breaker, a child of the request
+                    // span.
+                    let wait = traced.map(|parent| {
+                        tracing::info_span!(
+                            target: trace::TARGET,
+                            parent: parent,
+                            "kn.queueproxy.wait"
+                        )
+                    });
+                    let acquired = breaker.acquire().await;
+                    drop(wait);
+                    Some(acquired.map_err(Refused::Full)?)
+                }
+                None => None,
+            };
+            req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
+            req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
+            // With tracing on, the app's parent is this proxy's span; off, the caller's
+            // `traceparent` and `tracestate` pass untouched like any other header.
+            if let Some(span) = traced {
+                trace::inject(span, req.headers_mut());
             }
-            // An upgraded connection keeps its slot until it closes (CONTRACT §1.4); a
-            // client that stops reading does not keep it past the timeouts.
-            return body::proxied_response(resp, guard, conn, version, &state.timeouts, started);
+            proxy::prepare_request(&mut req, Some(conn.client_ip()));
+            proxy::relay_informational(&mut req, &conn);
+            // The permit rides with the answer; on a timeout it drops with this future.
+            let resp = state.upstream.forward(req, &state.upgrades).await;
+            resp.map(|resp| (resp, permit)).map_err(Refused::Upstream)
+        };
+        let result = state.timeouts.before_first_byte(started, head).await;
+        let resp = match result {
+            Ok(Ok((resp, permit))) => {
+                guard.permit = permit;
+                if let Some(record) = guard.record.as_mut() {
+                    record.status(resp.status());
+                }
+                if let Some(span) = &guard.span {
+                    trace::record_status(span, resp.status());
+                }
+                // An upgraded connection keeps its slot until it closes (CONTRACT §1.4); a
+                // client that stops reading does not keep it past the timeouts.
+                return body::proxied_response(
+                    resp,
+                    guard,
+                    &conn,
+                    version,
+                    &state.timeouts,
+                    started,
+                );
+            }
+            Ok(Err(Refused::Full(full))) => {
+                state.metrics.breaker_rejected();
+                text(StatusCode::SERVICE_UNAVAILABLE, static_reason(&full))
+            }
+            Ok(Err(Refused::Upstream(err))) if err.is_client_fault() => {
+                tracing::debug!(error = %err, "client sent a malformed body");
+                text(err.status(), err.to_string())
+            }
+            Ok(Err(Refused::Upstream(err))) => {
+                state.metrics.upstream_error();
+                bad_gateway(&err)
+            }
+            Err(_) => text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
+        };
+        if let Some(record) = guard.record.as_mut() {
+            record.status(resp.status());
         }
-        Ok(Err(Refused::Full(full))) => {
-            state.metrics.breaker_rejected();
-            text(StatusCode::SERVICE_UNAVAILABLE, static_reason(&full))
+        if let Some(span) = &guard.span {
+            trace::record_status(span, resp.status());
         }
-        Ok(Err(Refused::Upstream(err))) if err.is_client_fault() => {
-            tracing::debug!(error = %err, "client sent a malformed body");
-            text(err.status(), err.to_string())
-        }
-        Ok(Err(Refused::Upstream(err))) => {
-            state.metrics.upstream_error();
-            bad_gateway(&err)
-        }
-        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
-    };
-    if let Some(record) = guard.record.as_mut() {
-        record.status(resp.status());
+        resp
     }
-    if let Some(span) = &guard.span {
-        trace::record_status(span, resp.status());
-    }
-    resp
 }
 
 enum Refused {
