@@ -2,6 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod coldstart;
+pub mod h2c;
+pub mod memory;
 pub mod misc;
 pub mod nginx;
 pub mod overload;
@@ -239,11 +241,37 @@ pub struct Measured {
 /// Runs `spec` while sampling the peak RSS of `pids` every 100 ms during the measured
 /// window, and how busy the rest of the machine was meanwhile.
 pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> Measured {
+    let (result, sampled) = sample_during(spec.warmup, pids, load::run_async(spec)).await;
+    Measured {
+        result,
+        peaks: sampled.peaks,
+        cores: sampled.cores,
+        foreign: sampled.foreign,
+    }
+}
+
+/// What [`sample_during`] saw of `pids` from the end of the warm-up to the end of the load.
+pub struct Sampled {
+    /// Peak RSS (KiB) per pid.
+    pub peaks: Vec<u64>,
+    /// Cores (user + sys CPU time ÷ wall time) per pid.
+    pub cores: Vec<f64>,
+    /// Cores used by processes outside this bench's tree, plus hypervisor steal.
+    pub foreign: f64,
+}
+
+/// Drives `load` (which warms up for `warmup` before it measures) while sampling `pids`
+/// over its measured window: the in-tree generator and an external one such as h2load
+/// are measured the same way.
+pub async fn sample_during<F: std::future::Future>(
+    warmup: Duration,
+    pids: &[u32],
+    load: F,
+) -> (F::Output, Sampled) {
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let stop = Arc::clone(&stop);
         let pids = pids.to_vec();
-        let warmup = spec.warmup;
         tokio::spawn(async move {
             let mut peaks = vec![0u64; pids.len()];
             tokio::time::sleep(warmup).await;
@@ -268,18 +296,17 @@ pub async fn run_with_rss(spec: &LoadSpec, pids: &[u32]) -> Measured {
                 })
                 .collect();
             let foreign = CpuSnapshot::take().foreign_since(&cpu0, elapsed);
-            (peaks, cores, foreign)
+            Sampled {
+                peaks,
+                cores,
+                foreign,
+            }
         })
     };
-    let result = load::run_async(spec).await;
+    let output = load.await;
     stop.store(true, Ordering::Relaxed);
-    let (peaks, cores, foreign) = sampler.await.expect("rss sampler");
-    Measured {
-        result,
-        peaks,
-        cores,
-        foreign,
-    }
+    let sampled = sampler.await.expect("rss sampler");
+    (output, sampled)
 }
 
 /// CPU time of the whole machine and of this process tree at one instant.

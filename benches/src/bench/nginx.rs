@@ -46,8 +46,20 @@ pub struct Nginx {
     dir: PathBuf,
 }
 
-fn config(dir: &Path, listen: u16, upstream: SocketAddr) -> String {
+/// How clients talk to nginx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Http1,
+    /// `listen … http2` without TLS: h2c with prior knowledge only, as h2load speaks it.
+    H2c,
+}
+
+fn config(dir: &Path, listen: u16, upstream: SocketAddr, protocol: Listen) -> String {
     let d = dir.display();
+    let http2 = match protocol {
+        Listen::Http1 => "",
+        Listen::H2c => " http2",
+    };
     format!(
         r#"worker_processes 1;
 daemon off;
@@ -71,7 +83,7 @@ http {{
         keepalive_requests 10000000;
     }}
     server {{
-        listen 127.0.0.1:{listen} backlog=4096;
+        listen 127.0.0.1:{listen}{http2} backlog=4096;
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -85,8 +97,19 @@ http {{
 }
 
 impl Nginx {
-    /// Starts nginx in front of `upstream` and waits until it accepts connections.
+    /// Starts an HTTP/1.1 nginx in front of `upstream` and waits until it accepts
+    /// connections.
     pub async fn start(bin: &Path, upstream: SocketAddr) -> Result<Nginx, String> {
+        Nginx::start_with(bin, upstream, Listen::Http1).await
+    }
+
+    /// Starts nginx speaking `protocol` to clients (always HTTP/1.1 keep-alive to
+    /// `upstream`) and waits until it accepts connections.
+    pub async fn start_with(
+        bin: &Path,
+        upstream: SocketAddr,
+        protocol: Listen,
+    ) -> Result<Nginx, String> {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("thaw-bench-nginx-{}-{n}", std::process::id()));
@@ -97,7 +120,7 @@ impl Nginx {
         }
         let port = harness::free_port();
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(&dir, port, upstream))
+        std::fs::write(&conf, config(&dir, port, upstream, protocol))
             .map_err(|e| format!("write {}: {e}", conf.display()))?;
         let child = Command::new(bin)
             .arg("-p")

@@ -478,7 +478,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
 }
 
 /// `21.4 (20.9–22.8)` µs per request.
-fn cpu_spread(values: &[f64]) -> String {
+pub(super) fn cpu_spread(values: &[f64]) -> String {
     let (m, lo, hi) = super::spread(values);
     if values.len() < 2 {
         format!("{m:.1}")
