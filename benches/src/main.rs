@@ -128,12 +128,18 @@ enum Cmd {
     All,
     /// The main table: direct, nginx, queue-proxy CC=0/100, activator → queue-proxy
     Proxies,
+    /// h2c with prior knowledge through the queue-proxy and nginx's http2 listener, 1 and
+    /// 8 connections × 100 streams (h2load)
+    H2c,
     /// queue-proxy CC=10 under 200 connections to /delay?ms=20
     Overload,
     /// 1 MiB bodies direct, via nginx and via the queue-proxy, 8 connections
     Streaming,
     /// 10 000 requests parked in the activator, then a pod comes up
     Parked,
+    /// RSS per idle keep-alive connection (1 000 and 10 000) for both binaries, and the
+    /// RSS 10 s after a burst (those connections, 5 000 parked clients that leave)
+    Memory,
     /// Cold-start pickup: app starts accepting → parked request answered
     Coldstart,
     /// Stripped sizes of the release binaries
@@ -196,9 +202,11 @@ fn cmd_name(c: Cmd) -> &'static str {
     match c {
         Cmd::All => "all",
         Cmd::Proxies => "proxies",
+        Cmd::H2c => "h2c",
         Cmd::Overload => "overload",
         Cmd::Streaming => "streaming",
         Cmd::Parked => "parked",
+        Cmd::Memory => "memory",
         Cmd::Coldstart => "coldstart",
         Cmd::Sizes => "sizes",
         Cmd::IdleRss => "idle-rss",
@@ -210,9 +218,11 @@ fn cmd_name(c: Cmd) -> &'static str {
 async fn run_section(cmd: Cmd, ctx: Arc<Ctx>) -> Section {
     let task = match cmd {
         Cmd::Proxies => tokio::spawn(bench::proxies::run(ctx)),
+        Cmd::H2c => tokio::spawn(bench::h2c::run(ctx)),
         Cmd::Overload => tokio::spawn(bench::overload::run(ctx)),
         Cmd::Streaming => tokio::spawn(bench::streaming::run(ctx)),
         Cmd::Parked => tokio::spawn(bench::parked::run(ctx)),
+        Cmd::Memory => tokio::spawn(bench::memory::run(ctx)),
         Cmd::Coldstart => tokio::spawn(bench::coldstart::run(ctx)),
         Cmd::Sizes => tokio::spawn(bench::misc::sizes(ctx)),
         Cmd::IdleRss => tokio::spawn(bench::misc::idle_rss(ctx)),
@@ -263,6 +273,13 @@ fn header(ctx: &Ctx, cmd: Cmd) -> String {
         "not found: its rows are skipped (apt-get install nginx)".to_owned(),
         |p| format!("{} ({})", bench::nginx::version(p), p.display()),
     );
+    let h2load = bench::h2c::find_h2load().map_or(
+        "not found: the h2c section is skipped (apt-get install nghttp2-client)".to_owned(),
+        |p| {
+            let version = sh(&p.to_string_lossy(), &["--version"]).unwrap_or_default();
+            format!("{version} ({})", p.display())
+        },
+    );
     let settings = match cmd {
         // The soak has no measurement windows or repetitions: one long run, seeded.
         Cmd::Soak { seed } => format!(
@@ -295,6 +312,7 @@ fn header(ctx: &Ctx, cmd: Cmd) -> String {
          - load generator: in-tree, raw HTTP/1.1 client (request bytes built once, responses parsed with httparse), one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
          - queue-proxy and activator: their default runtimes (worker threads = CPUs available)\n\
          - nginx: {nginx}\n\
+         - h2load (the h2c section's generator): {h2load}\n\
          - everything (generator, proxies, app) runs on this one machine over loopback and shares its cores\n",
         args.join(" "),
         dir.display(),
@@ -409,9 +427,11 @@ fn main() -> ExitCode {
     let commands = match cli.command {
         Cmd::All => vec![
             Cmd::Proxies,
+            Cmd::H2c,
             Cmd::Overload,
             Cmd::Streaming,
             Cmd::Parked,
+            Cmd::Memory,
             Cmd::Coldstart,
             Cmd::Sizes,
             Cmd::IdleRss,

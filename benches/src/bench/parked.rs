@@ -19,12 +19,15 @@ const BATCH: usize = 500;
 const WAITING: &str = "activator_requests_waiting";
 
 /// What one parked request ended with.
-enum End {
+pub(super) enum End {
     Status(u16, Instant),
     Error(String),
 }
 
-async fn parked_request(addr: std::net::SocketAddr, connected: mpsc::UnboundedSender<()>) -> End {
+pub(super) async fn parked_request(
+    addr: std::net::SocketAddr,
+    connected: mpsc::UnboundedSender<()>,
+) -> End {
     let stream = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => {
