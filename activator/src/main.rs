@@ -109,3 +109,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// jemalloc with a purging background thread (configured at build time in
+/// `.cargo/config.toml`): glibc kept 304 MiB of a 10 000-connection burst 10 s after it
+/// ended, jemalloc gives all but 24 MiB back, at no cost per request (README "Performance").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -12,6 +12,9 @@
 
 FROM docker.io/library/rust:1.95.0-slim-trixie AS build
 WORKDIR /src
+# jemalloc-sys (the allocator, built from C) needs make, which the slim image lacks.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
