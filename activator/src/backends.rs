@@ -172,7 +172,8 @@ impl Backends {
         self.publish(&map);
     }
 
-    /// A request could not connect to `addr`: take it out of rotation and probe it again.
+    /// A request could not connect to `addr`, or lost its connection before an answer:
+    /// take it out of rotation and probe it again.
     pub fn unreachable(&self, addr: SocketAddr) {
         let mut map = self.lock();
         let Some(pod) = map.get_mut(&addr) else {

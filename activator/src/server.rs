@@ -323,6 +323,13 @@ async fn proxy_with_retry(
             Ok(resp) => return Ok((resp, permit)),
             Err(e) => e,
         };
+        if err.is_connection_lost() {
+            // The pod's queue-proxy dropped the connection before answering: it is
+            // likely gone. Probe it before the next request goes there; this request
+            // may have reached it, so it is not sent again.
+            revision.backends.unreachable(addr);
+            return Err(Refused::Upstream(err));
+        }
         if !err.is_connect() {
             return Err(Refused::Upstream(err));
         }

@@ -13,7 +13,8 @@
 FROM docker.io/library/rust:1.95.0-slim-trixie AS build
 WORKDIR /src
 # jemalloc-sys (the allocator, built from C) needs make, which the slim image lacks.
-RUN apt-get update && apt-get install -y --no-install-recommends make \
+# Pinned to trixie's version, as the base image's Debian release is pinned.
+RUN apt-get update && apt-get install -y --no-install-recommends make=4.4.1-2 \
     && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -88,6 +88,11 @@ pub enum ProxyError {
     /// The upstream broke the exchange after the request was (or may have been) sent.
     #[error("error proxying to {addr}: {reason}")]
     Upstream { addr: SocketAddr, reason: String },
+    /// The connection was reset or closed before any response head: the upstream process
+    /// is likely gone. The request may have reached it, so it is not sent again, but the
+    /// upstream is worth probing before it is used again.
+    #[error("error proxying to {addr}: {reason}")]
+    Lost { addr: SocketAddr, reason: String },
     /// The client's own request body broke (a malformed chunk, or the client went away
     /// mid-body): the client's fault, not the upstream's.
     #[error("malformed request body: {reason}")]
@@ -98,6 +103,11 @@ impl ProxyError {
     /// True when the request never reached the upstream.
     pub fn is_connect(&self) -> bool {
         matches!(self, ProxyError::Connect { .. })
+    }
+
+    /// True when the connection died before a response head (see [`ProxyError::Lost`]).
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, ProxyError::Lost { .. })
     }
 
     /// True when the client, not the upstream, broke the exchange: answered `400`, and
@@ -132,6 +142,32 @@ fn is_request_body_error(err: &(dyn std::error::Error + 'static)) -> bool {
                     below = b.source();
                 }
             }
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// True when `err` says the connection itself went away before a response head: reset,
+/// aborted, a broken pipe, or closed mid-exchange. A pooled connection to a process that
+/// was just killed fails like this rather than as a refused connect.
+fn is_connection_lost(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            );
         }
         current = e.source();
     }
@@ -265,6 +301,8 @@ where
                 ProxyError::Connect { addr, reason }
             } else if is_request_body_error(&e) {
                 ProxyError::ClientBody { reason }
+            } else if is_connection_lost(&e) {
+                ProxyError::Lost { addr, reason }
             } else {
                 ProxyError::Upstream { addr, reason }
             }
@@ -660,6 +698,56 @@ mod tests {
         );
         forwarded_shim(&mut h);
         assert!(!h.contains_key(headers::FORWARDED));
+    }
+
+    /// Serves one connection on a real socket with `answer`, after reading the request.
+    async fn one_shot_upstream(answer: Option<&'static [u8]>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            match answer {
+                Some(bytes) => {
+                    let _ = conn.write_all(bytes).await;
+                }
+                // Reset, as the kernel does for the sockets of a process that was killed.
+                None => conn.set_zero_linger().unwrap(),
+            }
+        });
+        addr
+    }
+
+    async fn send_to(addr: SocketAddr) -> ProxyError {
+        let upstream = Upstream::<http_body_util::Empty<Bytes>>::new(UpstreamSettings {
+            dial: Dial::Authority,
+            quick_ack: false,
+            max_idle: 1,
+            idle_timeout: Duration::from_secs(1),
+        });
+        let req = Request::get("/")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        upstream
+            .forward_to(addr, req, &UpgradeTracker::default())
+            .await
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_connection_reset_before_the_head_is_a_lost_upstream() {
+        let err = send_to(one_shot_upstream(None).await).await;
+        assert!(err.is_connection_lost(), "{err:?}");
+        assert!(!err.is_connect());
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_answer_is_an_upstream_error_not_a_lost_one() {
+        let err = send_to(one_shot_upstream(Some(b"NOT HTTP AT ALL\r\n\r\n")).await).await;
+        assert!(matches!(err, ProxyError::Upstream { .. }), "{err:?}");
     }
 
     #[test]
