@@ -160,6 +160,10 @@ async fn bind(config: &Config, what: &'static str, port: u16) -> Result<TcpListe
         .map_err(|source| RunError::Bind { what, addr, source })
 }
 
+/// Platform updates applied together at most: a bound on how long one batch holds the
+/// applier (its cost is O(revisions) plus O(batch)).
+const UPDATE_BATCH: usize = 4096;
+
 /// Runs the activator on the platform the flags name until SIGTERM/SIGINT and its drain.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let stats = Arc::new(RevisionStats::new());
@@ -190,14 +194,25 @@ pub async fn run_with(
 
     // Platform updates are applied in one task, in order; what the platform already knows
     // is applied before serving, so the first requests never see an empty registry.
+    // Whatever is queued is applied as one batch: one new registry snapshot for a
+    // platform's whole listing, not one per revision.
     let mut updates = platform.subscribe();
+    let mut batch = Vec::new();
     while let Ok(update) = updates.try_recv() {
-        state.registry.apply(update);
+        batch.push(update);
     }
+    state.registry.apply_all(batch);
     let registry = Arc::clone(&state.registry);
     let applier = tokio::spawn(async move {
-        while let Some(update) = updates.recv().await {
-            registry.apply(update);
+        while let Some(first) = updates.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < UPDATE_BATCH {
+                match updates.try_recv() {
+                    Ok(update) => batch.push(update),
+                    Err(_) => break,
+                }
+            }
+            registry.apply_all(batch);
         }
     });
 

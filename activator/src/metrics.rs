@@ -1,7 +1,15 @@
 //! The activator's Prometheus metrics, per namespace and revision. Each revision resolves
 //! its label children once, so recording a request is a few atomic operations; gauges are
 //! sampled from the throttlers at scrape time.
+//!
+//! A revision's counters and histograms exist only once it has seen a request, as in
+//! Knative's activator, whose views record nothing for a revision without traffic: with
+//! them made up front, 10 000 mostly idle revisions exported 43 MB per scrape from every
+//! activator and held 55 MiB more for it. The gauges (waiting, in flight, ready pods,
+//! capacity) are a few lines per revision and stay for every revision, so that a
+//! dashboard sees the pods of a revision that had no request yet.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
@@ -38,16 +46,62 @@ pub struct Metrics {
     capacity: IntGaugeVec,
 }
 
-/// The label children of one revision, resolved once.
+/// One revision's metrics. Its label children are resolved at its first request, then
+/// kept: recording is an atomic load and a few atomic adds.
 #[derive(Debug, Clone)]
 pub struct RevisionMetrics {
+    inner: Arc<Lazy>,
+}
+
+#[derive(Debug)]
+struct Lazy {
+    metrics: Metrics,
+    id: RevisionId,
+    children: OnceLock<Children>,
+}
+
+/// The label children of one revision.
+#[derive(Debug)]
+struct Children {
     by_class: [prometheus::IntCounter; 6],
     latency: prometheus::Histogram,
     cold_start: prometheus::Histogram,
     rejected: prometheus::IntCounter,
 }
 
+impl Children {
+    fn registered(m: &Metrics, id: &RevisionId) -> Children {
+        let (ns, name) = (&*id.namespace, &*id.name);
+        Children {
+            by_class: CLASSES.map(|c| m.requests.with_label_values(&[ns, name, c])),
+            latency: m.latency.with_label_values(&[ns, name]),
+            cold_start: m.cold_start.with_label_values(&[ns, name]),
+            rejected: m.rejected.with_label_values(&[ns, name]),
+        }
+    }
+
+    /// Children no registry knows: what a request finishing after its revision was
+    /// removed records into, so that it cannot bring the series back.
+    fn detached() -> Option<Children> {
+        let counter = prometheus::IntCounter::new("detached", "detached").ok()?;
+        let histogram =
+            || prometheus::Histogram::with_opts(HistogramOpts::new("detached", "detached")).ok();
+        Some(Children {
+            by_class: std::array::from_fn(|_| counter.clone()),
+            latency: histogram()?,
+            cold_start: histogram()?,
+            rejected: counter,
+        })
+    }
+}
+
 impl RevisionMetrics {
+    fn children(&self) -> &Children {
+        self.inner
+            .children
+            .get_or_init(|| Children::registered(&self.inner.metrics, &self.inner.id))
+    }
+
     pub fn response(&self, status: http::StatusCode, elapsed: Duration) {
         let class = (status.as_u16() / 100) as usize;
         let index = if (1..=5).contains(&class) {
@@ -55,16 +109,17 @@ impl RevisionMetrics {
         } else {
             5
         };
-        self.by_class[index].inc();
-        self.latency.observe(elapsed.as_secs_f64() * 1000.0);
+        let c = self.children();
+        c.by_class[index].inc();
+        c.latency.observe(elapsed.as_secs_f64() * 1000.0);
     }
 
     pub fn cold_start(&self, waited: Duration) {
-        self.cold_start.observe(waited.as_secs_f64());
+        self.children().cold_start.observe(waited.as_secs_f64());
     }
 
     pub fn rejected(&self) {
-        self.rejected.inc();
+        self.children().rejected.inc();
     }
 }
 
@@ -162,18 +217,26 @@ impl Metrics {
         })
     }
 
+    /// A revision's metrics; no series exist until it sees a request.
     pub fn revision(&self, id: &RevisionId) -> RevisionMetrics {
-        let (ns, name) = (&*id.namespace, &*id.name);
         RevisionMetrics {
-            by_class: CLASSES.map(|c| self.requests.with_label_values(&[ns, name, c])),
-            latency: self.latency.with_label_values(&[ns, name]),
-            cold_start: self.cold_start.with_label_values(&[ns, name]),
-            rejected: self.rejected.with_label_values(&[ns, name]),
+            inner: Arc::new(Lazy {
+                metrics: self.clone(),
+                id: id.clone(),
+                children: OnceLock::new(),
+            }),
         }
     }
 
-    /// Forgets a removed revision's series.
-    pub fn remove_revision(&self, id: &RevisionId) {
+    /// Forgets a removed revision's series. From here on its requests record into
+    /// detached children.
+    pub fn remove_revision(&self, revision: &RevisionMetrics) {
+        // Static names and help always pass prometheus' checks.
+        if let Some(detached) = Children::detached() {
+            let _ = revision.inner.children.set(detached);
+        }
+        self.remove_gauges(&revision.inner.id);
+        let id = &revision.inner.id;
         let (ns, name) = (&*id.namespace, &*id.name);
         for c in CLASSES {
             let _ = self.requests.remove_label_values(&[ns, name, c]);
@@ -182,22 +245,27 @@ impl Metrics {
             let _ = vec.remove_label_values(&[ns, name]);
         }
         let _ = self.rejected.remove_label_values(&[ns, name]);
+    }
+
+    fn remove_gauges(&self, id: &RevisionId) {
+        let labels = [&*id.namespace, &*id.name];
         for g in [
             &self.waiting,
             &self.in_flight,
             &self.ready_pods,
             &self.capacity,
         ] {
-            let _ = g.remove_label_values(&[ns, name]);
+            let _ = g.remove_label_values(&labels);
         }
     }
 
     /// Text exposition, after sampling every revision's gauges.
     pub fn render<'a>(
         &self,
-        revisions: impl Iterator<Item = (&'a RevisionId, RevisionGauges)>,
+        revisions: impl Iterator<Item = (&'a RevisionMetrics, RevisionGauges)>,
     ) -> Vec<u8> {
-        for (id, g) in revisions {
+        for (m, g) in revisions {
+            let id = &m.inner.id;
             let labels = [&*id.namespace, &*id.name];
             let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
             self.waiting
@@ -221,5 +289,66 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics");
         }
         buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauges(ready_pods: usize) -> RevisionGauges {
+        RevisionGauges {
+            waiting: 0,
+            in_flight: 0,
+            ready_pods,
+            capacity: None,
+        }
+    }
+
+    fn text(m: &Metrics, revisions: &[(&RevisionMetrics, usize)]) -> String {
+        let body = m.render(revisions.iter().map(|(r, ready)| (*r, gauges(*ready))));
+        String::from_utf8(body).unwrap()
+    }
+
+    #[test]
+    fn an_idle_revision_has_only_its_gauges_until_its_first_request() {
+        let m = Metrics::new().unwrap();
+        let idle = m.revision(&RevisionId::new("ns", "idle"));
+        let busy = m.revision(&RevisionId::new("ns", "busy"));
+        let t = text(&m, &[(&idle, 2), (&busy, 0)]);
+        assert!(
+            t.contains(r#"activator_ready_pods{namespace_name="ns",revision_name="idle"} 2"#),
+            "{t}"
+        );
+        assert!(!t.contains("activator_request_count"), "{t}");
+        assert!(!t.contains("activator_request_latencies"), "{t}");
+        assert!(!t.contains("activator_cold_start_wait_seconds"), "{t}");
+
+        busy.response(http::StatusCode::OK, Duration::from_millis(3));
+        let t = text(&m, &[(&idle, 2), (&busy, 0)]);
+        assert!(t.contains(r#"activator_request_count{namespace_name="ns",response_code_class="2xx",revision_name="busy"} 1"#), "{t}");
+        assert!(
+            t.contains(
+                r#"activator_request_latencies_count{namespace_name="ns",revision_name="busy"} 1"#
+            ),
+            "{t}"
+        );
+        assert!(!t.contains(r#"activator_request_count{namespace_name="ns",response_code_class="2xx",revision_name="idle""#), "{t}");
+    }
+
+    #[test]
+    fn a_request_ending_after_its_revision_was_removed_brings_no_series_back() {
+        let m = Metrics::new().unwrap();
+        let gone = m.revision(&RevisionId::new("ns", "gone"));
+        gone.response(http::StatusCode::OK, Duration::from_millis(1));
+        m.remove_revision(&gone);
+        gone.response(http::StatusCode::OK, Duration::from_millis(1));
+        gone.rejected();
+        let never = m.revision(&RevisionId::new("ns", "never"));
+        m.remove_revision(&never);
+        never.response(http::StatusCode::OK, Duration::from_millis(1));
+        let t = text(&m, &[]);
+        assert!(!t.contains("revision_name"), "{t}");
+        assert!(t.is_empty(), "{t}");
     }
 }

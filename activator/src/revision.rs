@@ -82,18 +82,55 @@ pub struct RegistrySettings {
 }
 
 /// The revisions known to this activator, as a snapshot that requests read without
-/// waiting on writers. Platform updates are rare; each rebuilds the snapshot.
+/// waiting on writers. Each batch of platform updates that adds, changes or removes
+/// revisions builds one new snapshot (O(revisions)); pod and activator changes touch
+/// only their revision. Batching matters at start: a platform lists 10 000 revisions at
+/// once, and one snapshot per revision made that quadratic (10 s before serving).
 pub struct Registry {
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Held while a batch is applied: one writer at a time, so no batch is lost.
+    writer: Mutex<()>,
     settings: RegistrySettings,
     metrics: Metrics,
     activators: Mutex<Vec<IpAddr>>,
+}
+
+impl Snapshot {
+    fn get(&self, id: &RevisionId) -> Option<&Arc<Revision>> {
+        self.by_name.get(&id.namespace)?.get(&id.name)
+    }
+
+    fn revisions(&self) -> impl Iterator<Item = &Arc<Revision>> {
+        self.by_name.values().flat_map(|m| m.values())
+    }
+
+    /// `by_host`, rebuilt from `by_name`.
+    fn index_hosts(&mut self) {
+        self.by_host = self
+            .revisions()
+            .flat_map(|r| {
+                r.spec
+                    .hosts
+                    .iter()
+                    .map(move |h| (h.to_ascii_lowercase(), Arc::clone(r)))
+            })
+            .collect();
+    }
+}
+
+/// The batch's next snapshot, cloned from `current` the first time it is needed.
+fn draft_of<'a>(draft: &'a mut Option<Snapshot>, current: &Snapshot) -> &'a mut Snapshot {
+    draft.get_or_insert_with(|| Snapshot {
+        by_name: current.by_name.clone(),
+        by_host: HashMap::new(),
+    })
 }
 
 impl Registry {
     pub fn new(settings: RegistrySettings, metrics: Metrics) -> Self {
         Self {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            writer: Mutex::new(()),
             settings,
             metrics,
             activators: Mutex::new(Vec::new()),
@@ -104,37 +141,12 @@ impl Registry {
         Arc::clone(&self.snapshot.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn replace(&self, f: impl FnOnce(&mut Snapshot)) {
-        let mut guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        let mut next = Snapshot {
-            by_name: guard.by_name.clone(),
-            by_host: HashMap::new(),
-        };
-        f(&mut next);
-        next.by_host = next
-            .by_name
-            .values()
-            .flat_map(|m| m.values())
-            .flat_map(|r| {
-                r.spec
-                    .hosts
-                    .iter()
-                    .map(move |h| (h.to_ascii_lowercase(), Arc::clone(r)))
-            })
-            .collect();
-        *guard = Arc::new(next);
-    }
-
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<Revision>> {
         self.current().by_name.get(namespace)?.get(name).cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Revision>> {
-        self.current()
-            .by_name
-            .values()
-            .flat_map(|m| m.values().cloned())
-            .collect()
+        self.current().revisions().cloned().collect()
     }
 
     /// CONTRACT §2.1: the `Knative-Serving-Revision` and `-Namespace` headers; if either
@@ -180,32 +192,63 @@ impl Registry {
 
     /// Applies one platform update.
     pub fn apply(&self, update: PlatformUpdate) {
-        match update {
-            PlatformUpdate::Revision(spec) => self.upsert(spec),
-            PlatformUpdate::RevisionRemoved(id) => {
-                let mut removed = None;
-                self.replace(|s| {
-                    if let Some(m) = s.by_name.get_mut(&id.namespace) {
-                        removed = m.remove(&id.name);
+        self.apply_all(std::iter::once(update));
+    }
+
+    /// Applies updates in order, publishing at most one new snapshot for all of them.
+    pub fn apply_all(&self, updates: impl IntoIterator<Item = PlatformUpdate>) {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current();
+        // The next snapshot, cloned from the current one at the first revision change.
+        let mut draft: Option<Snapshot> = None;
+        let mut removed = Vec::new();
+        for update in updates {
+            match update {
+                PlatformUpdate::Revision(spec) => {
+                    let next = draft_of(&mut draft, &current);
+                    let existing = next.get(&spec.id).cloned();
+                    let revision = Arc::new(self.build(spec, existing.as_ref()));
+                    next.by_name
+                        .entry(Arc::clone(&revision.spec.id.namespace))
+                        .or_default()
+                        .insert(Arc::clone(&revision.spec.id.name), revision);
+                }
+                PlatformUpdate::RevisionRemoved(id) => {
+                    let next = draft_of(&mut draft, &current);
+                    if let Some(m) = next.by_name.get_mut(&id.namespace) {
+                        removed.extend(m.remove(&id.name));
                         if m.is_empty() {
-                            s.by_name.remove(&id.namespace);
+                            next.by_name.remove(&id.namespace);
                         }
                     }
-                });
-                if let Some(r) = removed {
-                    r.backends.shutdown();
-                    r.throttler.close();
-                    self.metrics.remove_revision(&id);
-                    tracing::info!(revision = %id, "revision removed");
                 }
+                other => self.apply_to_revisions(draft.as_ref().unwrap_or(&current), other),
             }
+        }
+        if let Some(mut next) = draft {
+            next.index_hosts();
+            *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        }
+        // Only once no new request can find them.
+        for r in removed {
+            r.backends.shutdown();
+            r.throttler.close();
+            self.metrics.remove_revision(&r.metrics);
+            tracing::info!(revision = %r.spec.id, "revision removed");
+        }
+    }
+
+    /// The updates that change one revision's pods or activators, or every revision's.
+    fn apply_to_revisions(&self, snapshot: &Snapshot, update: PlatformUpdate) {
+        match update {
+            PlatformUpdate::Revision(_) | PlatformUpdate::RevisionRemoved(_) => {}
             PlatformUpdate::Pods { revision, pods } => {
-                if let Some(r) = self.get(&revision.namespace, &revision.name) {
+                if let Some(r) = snapshot.get(&revision) {
                     r.backends.set_pods(&pods);
                 }
             }
             PlatformUpdate::Unavailable { revision, reason } => {
-                if let Some(r) = self.get(&revision.namespace, &revision.name) {
+                if let Some(r) = snapshot.get(&revision) {
                     r.throttler.fail_waiting(&reason);
                 }
             }
@@ -213,14 +256,14 @@ impl Registry {
                 revision,
                 activators,
             } => {
-                if let Some(r) = self.get(&revision.namespace, &revision.name) {
+                if let Some(r) = snapshot.get(&revision) {
                     r.throttler
                         .update_activators(activators, self.settings.own_ip);
                 }
             }
             PlatformUpdate::Activators(mut ips) => {
                 ips.sort_unstable();
-                for r in self.all() {
+                for r in snapshot.revisions() {
                     r.throttler
                         .update_activators(ips.clone(), self.settings.own_ip);
                 }
@@ -229,52 +272,42 @@ impl Registry {
         }
     }
 
-    fn upsert(&self, spec: RevisionSpec) {
-        let existing = self.get(&spec.id.namespace, &spec.id.name);
-        let revision = match existing {
-            Some(old) => {
-                old.throttler
-                    .set_container_concurrency(spec.container_concurrency);
-                old.backends.verify_identity(spec.verify_pod_identity);
-                Revision {
-                    spec,
-                    throttler: Arc::clone(&old.throttler),
-                    backends: old.backends.clone(),
-                    metrics: old.metrics.clone(),
-                }
-            }
-            None => {
-                let throttler = Arc::new(Throttler::new(
-                    spec.id.clone(),
-                    spec.container_concurrency,
-                    self.settings.throttler,
-                ));
-                let activators = self
-                    .activators
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                if !activators.is_empty() {
-                    throttler.update_activators(activators, self.settings.own_ip);
-                }
-                tracing::info!(revision = %spec.id, cc = spec.container_concurrency, "revision added");
-                let backends = Backends::new(Arc::clone(&throttler), self.settings.probes);
-                backends.verify_identity(spec.verify_pod_identity);
-                Revision {
-                    backends,
-                    metrics: self.metrics.revision(&spec.id),
-                    throttler,
-                    spec,
-                }
-            }
-        };
-        let revision = Arc::new(revision);
-        self.replace(|s| {
-            s.by_name
-                .entry(Arc::clone(&revision.spec.id.namespace))
-                .or_default()
-                .insert(Arc::clone(&revision.spec.id.name), revision);
-        });
+    /// The revision `spec` describes: a new one, or `existing` with new settings (its
+    /// throttler, backends and metrics carry over).
+    fn build(&self, spec: RevisionSpec, existing: Option<&Arc<Revision>>) -> Revision {
+        if let Some(old) = existing {
+            old.throttler
+                .set_container_concurrency(spec.container_concurrency);
+            old.backends.verify_identity(spec.verify_pod_identity);
+            return Revision {
+                spec,
+                throttler: Arc::clone(&old.throttler),
+                backends: old.backends.clone(),
+                metrics: old.metrics.clone(),
+            };
+        }
+        let throttler = Arc::new(Throttler::new(
+            spec.id.clone(),
+            spec.container_concurrency,
+            self.settings.throttler,
+        ));
+        let activators = self
+            .activators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !activators.is_empty() {
+            throttler.update_activators(activators, self.settings.own_ip);
+        }
+        tracing::info!(revision = %spec.id, cc = spec.container_concurrency, "revision added");
+        let backends = Backends::new(Arc::clone(&throttler), self.settings.probes);
+        backends.verify_identity(spec.verify_pod_identity);
+        Revision {
+            backends,
+            metrics: self.metrics.revision(&spec.id),
+            throttler,
+            spec,
+        }
     }
 }
 
@@ -301,6 +334,80 @@ fn service_host<'a>(host: &'a str, cluster_domain: &str) -> Option<(&'a str, &'a
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registry() -> Registry {
+        Registry::new(
+            RegistrySettings {
+                throttler: ThrottlerSettings::default(),
+                probes: ProbeSchedule::default(),
+                own_ip: None,
+            },
+            Metrics::new().unwrap(),
+        )
+    }
+
+    fn spec(name: &str, cc: usize) -> RevisionSpec {
+        RevisionSpec {
+            id: RevisionId::new("ns", name),
+            container_concurrency: cc,
+            timeouts: Timeouts::from_secs(60, 0, 0),
+            hosts: vec![format!("{name}.local")],
+            verify_pod_identity: false,
+        }
+    }
+
+    fn by_host(r: &Registry, host: &str) -> Option<Arc<Revision>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, HeaderValue::from_str(host).unwrap());
+        r.identify(&headers, &Uri::from_static("/"), "cluster.local")
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_applied_in_order_and_published_once() {
+        let r = registry();
+        r.apply(PlatformUpdate::Revision(spec("kept", 1)));
+        let kept = r.get("ns", "kept").unwrap();
+        let before = r.current();
+        r.apply_all([
+            PlatformUpdate::Revision(spec("a", 1)),
+            PlatformUpdate::Revision(spec("b", 1)),
+            PlatformUpdate::RevisionRemoved(RevisionId::new("ns", "a")),
+            // A change of settings keeps the revision's throttler.
+            PlatformUpdate::Revision(spec("kept", 7)),
+            // Seen by a revision added earlier in the same batch.
+            PlatformUpdate::Activators(vec!["10.0.0.1".parse().unwrap()]),
+        ]);
+        assert!(r.get("ns", "a").is_none());
+        assert!(by_host(&r, "a.local").is_none());
+        assert_eq!(
+            by_host(&r, "B.local:80").unwrap().spec.id.name.as_ref(),
+            "b"
+        );
+        let kept_now = r.get("ns", "kept").unwrap();
+        assert!(Arc::ptr_eq(&kept.throttler, &kept_now.throttler));
+        assert_eq!(kept_now.spec.container_concurrency, 7);
+        // The snapshot requests held before the batch is untouched.
+        assert!(before.get(&RevisionId::new("ns", "b")).is_none());
+        assert_eq!(r.all().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn updates_without_revision_changes_publish_no_snapshot() {
+        let r = registry();
+        r.apply(PlatformUpdate::Revision(spec("a", 1)));
+        let before = r.current();
+        r.apply_all([
+            PlatformUpdate::Pods {
+                revision: RevisionId::new("ns", "a"),
+                pods: vec!["127.0.0.1:9".parse().unwrap()],
+            },
+            PlatformUpdate::Pods {
+                revision: RevisionId::new("ns", "unknown"),
+                pods: Vec::new(),
+            },
+        ]);
+        assert!(Arc::ptr_eq(&before, &r.current()));
+    }
 
     #[test]
     fn service_hosts_are_parsed() {

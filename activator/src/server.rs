@@ -497,7 +497,7 @@ pub fn metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody>
     let revisions = state.registry.all();
     let body = state.metrics.render(revisions.iter().map(|r| {
         (
-            &r.spec.id,
+            &r.metrics,
             RevisionGauges {
                 waiting: r.throttler.waiting(),
                 in_flight: r.throttler.in_flight(),
