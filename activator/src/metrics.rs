@@ -235,7 +235,6 @@ impl Metrics {
         if let Some(detached) = Children::detached() {
             let _ = revision.inner.children.set(detached);
         }
-        self.remove_gauges(&revision.inner.id);
         let id = &revision.inner.id;
         let (ns, name) = (&*id.namespace, &*id.name);
         for c in CLASSES {
@@ -245,17 +244,13 @@ impl Metrics {
             let _ = vec.remove_label_values(&[ns, name]);
         }
         let _ = self.rejected.remove_label_values(&[ns, name]);
-    }
-
-    fn remove_gauges(&self, id: &RevisionId) {
-        let labels = [&*id.namespace, &*id.name];
         for g in [
             &self.waiting,
             &self.in_flight,
             &self.ready_pods,
             &self.capacity,
         ] {
-            let _ = g.remove_label_values(&labels);
+            let _ = g.remove_label_values(&[ns, name]);
         }
     }
 

@@ -323,17 +323,15 @@ async fn proxy_with_retry(
             Ok(resp) => return Ok((resp, permit)),
             Err(e) => e,
         };
-        if err.is_connection_lost() {
-            // The pod's queue-proxy dropped the connection before answering: it is
-            // likely gone. Probe it before the next request goes there; this request
-            // may have reached it, so it is not sent again.
+        // A pod that refused the connection, or dropped it before answering (its
+        // queue-proxy is likely gone), is probed before the next request goes there.
+        if err.is_connect() || err.is_connection_lost() {
             revision.backends.unreachable(addr);
-            return Err(Refused::Upstream(err));
         }
+        // Only a request that never reached the pod may be sent to another.
         if !err.is_connect() {
             return Err(Refused::Upstream(err));
         }
-        revision.backends.unreachable(addr);
         // With no other ready pod, waiting for one would turn a clear 502 into a timeout.
         let Some(template) = &template else {
             return Err(Refused::Upstream(err));
