@@ -439,21 +439,33 @@ impl Activator {
     /// Starts an activator with these flags and extra environment, on loopback with
     /// ephemeral ports (no platform config file: pass `--platform`).
     pub async fn start_with(flags: &[&str], env: &[(&str, &str)]) -> Activator {
-        let mut cmd = child(bin("activator"));
-        cmd.args([
-            "--listen-address",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--h2c-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .args(flags)
-        .env_remove("RUST_LOG")
-        .envs(env.iter().copied());
-        let process = Logged::spawn(&mut cmd, "activator", &["http", "h2c", "metrics"]).await;
+        Self::start_program("activator", &[], flags, env).await
+    }
+
+    /// Starts the workspace binary `program`, which runs the activator (the bench's
+    /// `thaw-scale-activator`), with `leading` arguments before the activator's flags.
+    pub async fn start_program(
+        program: &str,
+        leading: &[&str],
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Activator {
+        let mut cmd = child(bin(program));
+        cmd.args(leading)
+            .args([
+                "--listen-address",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+                "--h2c-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
+            .args(flags)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied());
+        let process = Logged::spawn(&mut cmd, program, &["http", "h2c", "metrics"]).await;
         let found = &process.listeners;
         Activator {
             http: found["http"],

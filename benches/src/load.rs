@@ -39,6 +39,9 @@ pub struct LoadSpec {
     /// Extra request headers, e.g. `("host", "hello.local")`. Without a `host` header,
     /// `Host: <addr>` is sent.
     pub headers: Vec<(String, String)>,
+    /// When not empty, each request names the next of these as its `Host`, each
+    /// connection starting at its own place: load spread over many revisions.
+    pub hosts: Vec<String>,
     pub connections: usize,
     pub warmup: Duration,
     pub duration: Duration,
@@ -66,6 +69,7 @@ impl LoadSpec {
             path: path.to_owned(),
             method: Method::GET,
             headers: Vec::new(),
+            hosts: Vec::new(),
             connections,
             warmup: Duration::from_secs(1),
             duration: Duration::from_secs(5),
@@ -270,7 +274,7 @@ async fn drive(
     end: Instant,
 ) -> LoadResult {
     let tasks: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(worker(Arc::clone(&spec), measure_from, end)))
+        .map(|i| tokio::spawn(worker(Arc::clone(&spec), i, measure_from, end)))
         .collect();
     let mut total = LoadResult::empty(spec.connections, spec.duration);
     for task in tasks {
@@ -286,10 +290,22 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// The request's bytes, built once per task.
-fn build_request(spec: &LoadSpec) -> Vec<u8> {
+/// The requests' bytes, built once per task: one, or one per host of `spec.hosts`.
+fn build_requests(spec: &LoadSpec) -> Vec<Vec<u8>> {
+    if spec.hosts.is_empty() {
+        return vec![build_request(spec, None)];
+    }
+    spec.hosts
+        .iter()
+        .map(|h| build_request(spec, Some(h)))
+        .collect()
+}
+
+fn build_request(spec: &LoadSpec, host: Option<&str>) -> Vec<u8> {
     let mut out = format!("{} {} HTTP/1.1\r\n", spec.method, spec.path).into_bytes();
-    if !spec
+    if let Some(host) = host {
+        out.extend_from_slice(format!("host: {host}\r\n").as_bytes());
+    } else if !spec
         .headers
         .iter()
         .any(|(n, _)| n.eq_ignore_ascii_case("host"))
@@ -297,6 +313,9 @@ fn build_request(spec: &LoadSpec) -> Vec<u8> {
         out.extend_from_slice(format!("host: {}\r\n", spec.addr).as_bytes());
     }
     for (name, value) in &spec.headers {
+        if host.is_some() && name.eq_ignore_ascii_case("host") {
+            continue;
+        }
         out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     out.extend_from_slice(b"\r\n");
@@ -455,7 +474,8 @@ enum LoopEnd {
 /// cannot be used any more.
 async fn request_loop(
     stream: &mut TcpStream,
-    request: &[u8],
+    requests: &[Vec<u8>],
+    next: &mut usize,
     part: &mut LoadResult,
     measure_from: Instant,
     end: Instant,
@@ -465,6 +485,8 @@ async fn request_loop(
         if Instant::now() >= end {
             return LoopEnd::Deadline;
         }
+        let request = &requests[*next % requests.len()];
+        *next = next.wrapping_add(1);
         let t0 = Instant::now();
         let outcome = one_request(stream, request, &mut buf).await;
         let t1 = Instant::now();
@@ -503,9 +525,16 @@ async fn request_loop(
     }
 }
 
-async fn worker(spec: Arc<LoadSpec>, measure_from: Instant, end: Instant) -> LoadResult {
+async fn worker(
+    spec: Arc<LoadSpec>,
+    index: usize,
+    measure_from: Instant,
+    end: Instant,
+) -> LoadResult {
     let mut part = LoadResult::empty(spec.connections, spec.duration);
-    let request = build_request(&spec);
+    let requests = build_requests(&spec);
+    // Connections start spread over the hosts, so every host is busy from the start.
+    let mut next = index.wrapping_mul(requests.len() / spec.connections.max(1) + 1);
     while Instant::now() < end {
         let mut stream = match timeout_at(end, connect(spec.addr)).await {
             Ok(Ok(c)) => c,
@@ -524,7 +553,14 @@ async fn worker(spec: Arc<LoadSpec>, measure_from: Instant, end: Instant) -> Loa
         // flight when the window closes is dropped, not counted.
         let driven = timeout_at(
             end,
-            request_loop(&mut stream, &request, &mut part, measure_from, end),
+            request_loop(
+                &mut stream,
+                &requests,
+                &mut next,
+                &mut part,
+                measure_from,
+                end,
+            ),
         );
         if let LoopEnd::Deadline = driven.await.unwrap_or(LoopEnd::Deadline) {
             break;

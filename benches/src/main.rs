@@ -140,6 +140,9 @@ enum Cmd {
     /// RSS per idle keep-alive connection (1 000 and 10 000) for both binaries, and the
     /// RSS 10 s after a burst (those connections, 5 000 parked clients that leave)
     Memory,
+    /// 1, 100, 1 000 and 10 000 revisions registered in the activator (up to 1 000 with
+    /// traffic, 100 pod-set changes a second): RSS, CPU, rps; and the stat report's cost
+    Revisions,
     /// Cold-start pickup: app starts accepting → parked request answered
     Coldstart,
     /// Stripped sizes of the release binaries
@@ -207,6 +210,7 @@ fn cmd_name(c: Cmd) -> &'static str {
         Cmd::Streaming => "streaming",
         Cmd::Parked => "parked",
         Cmd::Memory => "memory",
+        Cmd::Revisions => "revisions",
         Cmd::Coldstart => "coldstart",
         Cmd::Sizes => "sizes",
         Cmd::IdleRss => "idle-rss",
@@ -223,6 +227,7 @@ async fn run_section(cmd: Cmd, ctx: Arc<Ctx>) -> Section {
         Cmd::Streaming => tokio::spawn(bench::streaming::run(ctx)),
         Cmd::Parked => tokio::spawn(bench::parked::run(ctx)),
         Cmd::Memory => tokio::spawn(bench::memory::run(ctx)),
+        Cmd::Revisions => tokio::spawn(bench::revisions::run(ctx)),
         Cmd::Coldstart => tokio::spawn(bench::coldstart::run(ctx)),
         Cmd::Sizes => tokio::spawn(bench::misc::sizes(ctx)),
         Cmd::IdleRss => tokio::spawn(bench::misc::idle_rss(ctx)),
@@ -432,6 +437,7 @@ fn main() -> ExitCode {
             Cmd::Streaming,
             Cmd::Parked,
             Cmd::Memory,
+            Cmd::Revisions,
             Cmd::Coldstart,
             Cmd::Sizes,
             Cmd::IdleRss,

@@ -9,6 +9,7 @@ pub mod nginx;
 pub mod overload;
 pub mod parked;
 pub mod proxies;
+pub mod revisions;
 pub mod soak;
 pub mod streaming;
 
