@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, RETRY_AFTER, USER_AGENT};
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -296,8 +296,10 @@ async fn throttle_and_proxy(
     Ok((resp, permit, cold_wait))
 }
 
-/// Proxies to the permit's pod. A request that could not connect and has no body is
-/// tried on another ready pod: nothing reached the first one.
+/// Proxies to the permit's pod. A request with no body is tried on another ready pod when
+/// it could not connect (nothing reached the first one), or when it may be repeated and
+/// the connection was lost before any answer: a pooled connection to a pod that just died
+/// fails that way. Go's `http.Transport`, under Knative's activator, retries the same two.
 async fn proxy_with_retry(
     state: &State,
     revision: &Revision,
@@ -307,6 +309,7 @@ async fn proxy_with_retry(
     mut permit: PodPermit,
 ) -> Result<(Response<Incoming>, PodPermit), Refused> {
     let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
+    let replayable = is_replayable(&parts);
     // A copy for a retry is only worth making when another pod could take it.
     let template = (bodiless && revision.throttler.ready_pods() > 1).then(|| clone_parts(&parts));
     let body = if bodiless {
@@ -328,8 +331,9 @@ async fn proxy_with_retry(
         if err.is_connect() || err.is_connection_lost() {
             revision.backends.unreachable(addr);
         }
-        // Only a request that never reached the pod may be sent to another.
-        if !err.is_connect() {
+        // Only a request that never reached the pod, or that may be repeated and got no
+        // answer, is sent to another.
+        if !(err.is_connect() || (replayable && err.is_connection_lost())) {
             return Err(Refused::Upstream(err));
         }
         // With no other ready pod, waiting for one would turn a clear 502 into a timeout.
@@ -339,7 +343,7 @@ async fn proxy_with_retry(
         if attempt >= CONNECT_ATTEMPTS || revision.throttler.ready_pods() == 0 {
             return Err(Refused::Upstream(err));
         }
-        tracing::debug!(%addr, error = %err, "pod refused the connection; trying another");
+        tracing::debug!(%addr, error = %err, "pod unreachable; trying another");
         attempt += 1;
         drop(permit);
         permit = revision
@@ -349,6 +353,17 @@ async fn proxy_with_retry(
             .map_err(Refused::Throttled)?;
         req = Request::from_parts(clone_parts(template), Either::Right(Empty::new()));
     }
+}
+
+/// Whether a request may be sent again after its connection was lost: the safe methods
+/// (RFC 9110 §9.2.1), or one its client marked with an idempotency key. The same rule as
+/// Go's `http.Transport`, which Knative's activator proxies with.
+fn is_replayable(parts: &Parts) -> bool {
+    matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    ) || parts.headers.contains_key("idempotency-key")
+        || parts.headers.contains_key("x-idempotency-key")
 }
 
 /// CONTRACT §2.2 outbound rules: `Host` moves to `K-Original-Host`, the request is marked
@@ -540,5 +555,27 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
         }
+    }
+
+    #[test]
+    fn only_safe_or_keyed_requests_are_replayed_after_a_lost_connection() {
+        let parts = |method: Method, key: Option<&str>| {
+            let mut req = Request::builder().method(method).uri("/");
+            if let Some(key) = key {
+                req = req.header(key, "k-1");
+            }
+            req.body(()).unwrap().into_parts().0
+        };
+        for safe in [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE] {
+            assert!(is_replayable(&parts(safe, None)));
+        }
+        for unsafe_ in [Method::POST, Method::PATCH, Method::PUT, Method::DELETE] {
+            assert!(!is_replayable(&parts(unsafe_.clone(), None)), "{unsafe_}");
+        }
+        assert!(is_replayable(&parts(Method::POST, Some("Idempotency-Key"))));
+        assert!(is_replayable(&parts(
+            Method::POST,
+            Some("X-Idempotency-Key")
+        )));
     }
 }

@@ -305,3 +305,86 @@ async fn a_request_that_could_not_connect_is_tried_on_another_pod() {
     assert_eq!(second.app.stats().await["requests"], 20);
     assert_eq!(act.metric("activator_ready_pods", "").await, 1.0);
 }
+
+/// A pod that answers the activator's probes, and that, once `die` is set, resets every
+/// connection a request arrives on without answering it: what a pooled connection to a
+/// pod that has just gone looks like, before the activator could see it close. Counts
+/// the requests it reset.
+async fn resetting_pod(
+    die: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let reset = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&reset);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (die, counted) = (die.clone(), counted.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    buf.drain(..end + 4);
+                    let answer: &[u8] = if head.contains("k-network-probe: queue") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nqueue"
+                    } else if die.load(Ordering::SeqCst) {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        conn.set_zero_linger().unwrap();
+                        return;
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\nhello world\n"
+                    };
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, reset)
+}
+
+#[tokio::test]
+async fn a_get_whose_connection_is_reset_before_any_answer_is_replayed_on_another_pod() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let die = std::sync::Arc::new(AtomicBool::new(false));
+    let (dying, reset) = resetting_pod(std::sync::Arc::clone(&die)).await;
+    let healthy = free_port();
+    let second = Pod::start(healthy, 10, &[]).await;
+    let act = Activator::start(&config(10, 30, &[dying, healthy]), &[]).await;
+    eventually("both pods ready", || async {
+        act.metric("activator_ready_pods", "").await == 2.0
+    })
+    .await;
+    // Pooled connections to both pods, kept alive.
+    for _ in 0..10 {
+        let (s, _, _) = get_with(&act.url("/"), &[HOST]).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    die.store(true, Ordering::SeqCst);
+    let second_before = second.app.stats().await["requests"].as_u64().unwrap();
+    for _ in 0..20 {
+        let (s, _, b) = get_with(&act.url("/"), &[HOST]).await;
+        assert_eq!((s, &b[..]), (StatusCode::OK, &b"hello world\n"[..]));
+    }
+    let second_after = second.app.stats().await["requests"].as_u64().unwrap();
+    assert_eq!(
+        second_after - second_before,
+        20,
+        "every GET served by the healthy pod"
+    );
+    assert!(
+        reset.load(Ordering::SeqCst) >= 1,
+        "no GET met the reset: the test did not exercise the replay"
+    );
+}
