@@ -250,18 +250,21 @@ pub struct Config {
     #[arg(long, env = "THAW_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Auto)]
     pub log_format: LogFormatArg,
 
-    /// Export request spans over OTLP/HTTP to this collector: http://host:port, or a full
-    /// URL with its path (default path /v1/traces). Unset: tracing off. On the local
-    /// platform the pods' queue-proxies trace to it too.
+    /// Export request spans over OTLP to this collector: http://host:port (plaintext),
+    /// https://host:port (TLS, the system's roots), or host:port, which Knative reads as
+    /// https://. http/protobuf takes a full URL with its path too (default /v1/traces).
+    /// Unset: tracing off, unless the protocol is stdout. On the local platform the pods'
+    /// queue-proxies trace to it too.
     #[arg(long, env = "THAW_TRACING_ENDPOINT")]
     pub tracing_endpoint: Option<String>,
 
-    /// Knative's tracing protocol: http/protobuf (the default with an endpoint) or none.
+    /// Knative's tracing protocol: http/protobuf (the default with an endpoint), grpc,
+    /// stdout (one JSON line per span, every span; no endpoint) or none.
     #[arg(long, env = "THAW_TRACING_PROTOCOL")]
     pub tracing_protocol: Option<String>,
 
     /// The share of new traces recorded, 0 to 1; a caller's sampled `traceparent` is
-    /// followed when it is below 1.
+    /// followed when it is below 1. stdout records every trace, as in Knative.
     #[arg(long, env = "THAW_TRACING_SAMPLING_RATE", default_value = "1")]
     pub tracing_sampling_rate: String,
 

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use thaw_activator::config::PlatformKind;
 use thaw_activator::platform::knative::TracingAtStartError;
-use thaw_shared::trace::Protocol;
 
 /// Exit status for a usage or configuration error (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -75,6 +74,11 @@ fn main() -> ExitCode {
         ];
         match thaw_shared::trace::Tracing::start(&tracing_config, &resource) {
             Ok((exporter, tracer)) => (Some(exporter), Some(tracer)),
+            // A bad OTEL_* variable is a bad setting, as a bad flag is.
+            Err(e) if e.is_config() => {
+                eprintln!("activator: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             Err(e) => {
                 eprintln!("activator: tracing: {e}");
                 return ExitCode::FAILURE;
@@ -84,13 +88,6 @@ fn main() -> ExitCode {
         (None, None)
     };
     thaw_shared::logging::init_traced(&config.log_level, config.log_format.into(), tracer);
-    if let p @ (Protocol::Grpc | Protocol::Stdout) = tracing_config.protocol {
-        tracing::warn!(
-            protocol = p.as_str(),
-            "tracing protocol {} is not supported; tracing is off (use http/protobuf)",
-            p.as_str()
-        );
-    }
     let result = runtime.block_on(thaw_activator::run(config));
     // Drained: the last spans leave before the process does.
     if let Some(exporter) = exporter {

@@ -5,8 +5,6 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use thaw_shared::trace::Protocol;
-
 use crate::config::{self, Config};
 use crate::inject::{self, InjectSettings};
 
@@ -73,6 +71,11 @@ pub fn main(args: &[String]) -> ExitCode {
         ];
         match thaw_shared::trace::Tracing::start(tracing_config, &resource) {
             Ok((exporter, tracer)) => (Some(exporter), Some(tracer)),
+            // A bad OTEL_* variable is a bad setting, as a bad variable of ours is.
+            Err(e) if e.is_config() => {
+                eprintln!("queue-proxy: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             Err(e) => {
                 eprintln!("queue-proxy: tracing: {e}");
                 return ExitCode::FAILURE;
@@ -82,13 +85,6 @@ pub fn main(args: &[String]) -> ExitCode {
         (None, None)
     };
     crate::logging::init(&config.logging_level, tracer);
-    if let p @ (Protocol::Grpc | Protocol::Stdout) = tracing_config.protocol {
-        tracing::warn!(
-            protocol = p.as_str(),
-            "OBSERVABILITY_CONFIG: tracing.protocol {} is not supported; tracing is off (use http/protobuf)",
-            p.as_str()
-        );
-    }
 
     // A sidecar is sized for about one core: a current-thread runtime beats a pool there
     // (measured in benches/), so more threads are opt-in.
