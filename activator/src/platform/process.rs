@@ -486,7 +486,9 @@ impl Spawner {
 /// The queue-proxy's environment: what Knative's controller sets (CONTRACT §1.2), plus
 /// the `THAW_*` overrides that let many queue-proxies share one machine. Nothing else of
 /// the activator's environment leaks in, except `PATH`, Rust's logging and backtrace
-/// switches, and OpenTelemetry's batch-processor settings (`OTEL_BSP_*`).
+/// switches, OpenTelemetry's variables (`OTEL_*`: the batch processor's tuning, the
+/// endpoint and sampler overrides) and the trusted roots for a TLS collector
+/// (`SSL_CERT_FILE`, `SSL_CERT_DIR`).
 fn queue_proxy_env(
     template: &PodTemplate,
     pod_name: &str,
@@ -556,13 +558,20 @@ fn queue_proxy_env(
         .into_iter()
         .map(|(name, value)| (name.to_owned(), value))
         .collect();
-    for inherited in ["PATH", "RUST_LOG", "RUST_BACKTRACE"] {
+    for inherited in [
+        "PATH",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    ] {
         if let Ok(value) = std::env::var(inherited) {
             env.push((inherited.to_owned(), value));
         }
     }
-    // OpenTelemetry's own tuning (batch delay, queue size) applies to the whole path.
-    env.extend(std::env::vars().filter(|(name, _)| name.starts_with("OTEL_BSP_")));
+    // OpenTelemetry's own settings (batch delay, queue size, endpoint and sampler
+    // overrides) apply to the whole path, as the tracing flags do.
+    env.extend(std::env::vars().filter(|(name, _)| name.starts_with("OTEL_")));
     env
 }
 
@@ -887,12 +896,21 @@ fn take_line(buf: &mut Vec<u8>) -> String {
 }
 
 /// The queue-proxy logs JSON lines; only its warnings and errors are worth the
-/// activator's log.
+/// activator's log. Its span lines (tracing protocol `stdout`: one top-level `span`
+/// object) go to the activator's stdout as they are, beside the activator's own.
 fn relog_queue_proxy(pod: &str, line: &str) {
     let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(line) else {
         tracing::debug!(pod, "queue-proxy: {line}");
         return;
     };
+    if fields.len() == 1 && fields.get("span").is_some_and(serde_json::Value::is_object) {
+        use std::io::Write;
+        // One write under stdout's lock, as the log lines are written: never interleaved.
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(format!("{line}\n").as_bytes());
+        return;
+    }
     let level = fields
         .get("level")
         .and_then(serde_json::Value::as_str)
