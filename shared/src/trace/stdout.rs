@@ -1,11 +1,12 @@
 //! Knative's `stdout` protocol: each finished span as one JSON line on stdout, where the
-//! log lines also go. A span line is one object with a single top-level key, `"span"`,
+//! log lines also go. A span line is an object with a single top-level key, `"span"`,
 //! which no log line has (log lines always carry `level` and `message`), so a reader
 //! tells them apart by that key:
 //!
 //! ```json
-//! {"span":{"name":"queue","kind":"server","traceId":"…","spanId":"…","parentSpanId":"…",
-//!  "startTime":"2026-12-04T10:00:00.000123456Z","endTime":"…","attributes":{…},
+//! {"span":{"name":"queue","kind":"server","traceId":"4bf9…","spanId":"de67…",
+//!  "parentSpanId":"3fc0…","startTime":"2026-12-06T13:20:19.189418293Z",
+//!  "endTime":"2026-12-06T13:20:19.190357565Z","attributes":{"url.path":"/",…},
 //!  "status":{"code":"unset"},"resource":{"service.name":"hello",…}}}
 //! ```
 //!
@@ -55,47 +56,63 @@ impl SpanExporter for StdoutExporter {
     }
 }
 
+/// A span line's object, its fields in reading order (a map would sort them).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Line<'a> {
+    span: LineSpan<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LineSpan<'a> {
+    name: &'a str,
+    kind: &'static str,
+    trace_id: String,
+    span_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_span_id: Option<String>,
+    start_time: String,
+    end_time: String,
+    attributes: Json,
+    status: Json,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    events: Vec<Json>,
+    resource: &'a Map<String, Json>,
+}
+
 /// One span's line, without the newline.
 fn line(span: &SpanData, resource: &Map<String, Json>) -> String {
-    let mut s = Map::new();
-    s.insert("name".to_owned(), span.name.as_ref().into());
-    s.insert("kind".to_owned(), kind(&span.span_kind).into());
-    s.insert(
-        "traceId".to_owned(),
-        span.span_context.trace_id().to_string().into(),
-    );
-    s.insert(
-        "spanId".to_owned(),
-        span.span_context.span_id().to_string().into(),
-    );
-    if span.parent_span_id != opentelemetry::trace::SpanId::INVALID {
-        s.insert(
-            "parentSpanId".to_owned(),
-            span.parent_span_id.to_string().into(),
-        );
-    }
-    s.insert("startTime".to_owned(), rfc3339(span.start_time).into());
-    s.insert("endTime".to_owned(), rfc3339(span.end_time).into());
-    s.insert("attributes".to_owned(), attributes(&span.attributes));
-    s.insert("status".to_owned(), status(&span.status));
-    if !span.events.is_empty() {
-        let events = span
-            .events
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "name": e.name.as_ref(),
-                    "time": rfc3339(e.timestamp),
-                    "attributes": attributes(&e.attributes),
-                })
+    let events = span
+        .events
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "name": e.name.as_ref(),
+                "time": rfc3339(e.timestamp),
+                "attributes": attributes(&e.attributes),
             })
-            .collect();
-        s.insert("events".to_owned(), Json::Array(events));
-    }
-    s.insert("resource".to_owned(), Json::Object(resource.clone()));
-    let mut top = Map::new();
-    top.insert("span".to_owned(), Json::Object(s));
-    Json::Object(top).to_string()
+        })
+        .collect();
+    let line = Line {
+        span: LineSpan {
+            name: span.name.as_ref(),
+            kind: kind(&span.span_kind),
+            trace_id: span.span_context.trace_id().to_string(),
+            span_id: span.span_context.span_id().to_string(),
+            parent_span_id: (span.parent_span_id != opentelemetry::trace::SpanId::INVALID)
+                .then(|| span.parent_span_id.to_string()),
+            start_time: rfc3339(span.start_time),
+            end_time: rfc3339(span.end_time),
+            attributes: attributes(&span.attributes),
+            status: status(&span.status),
+            events,
+            resource,
+        },
+    };
+    // Strings and JSON values always serialize; were one not to, an empty object keeps
+    // stdout one JSON value per line.
+    serde_json::to_string(&line).unwrap_or_else(|_| "{}".to_owned())
 }
 
 fn kind(kind: &SpanKind) -> &'static str {
@@ -240,6 +257,10 @@ mod tests {
             &exporter.resource,
         );
         assert!(!text.contains('\n'));
+        assert!(
+            text.starts_with(r#"{"span":{"name":"queue","kind":"server","traceId":"#),
+            "{text}"
+        );
         let v: Json = serde_json::from_str(&text).unwrap();
         assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
         assert_eq!(
