@@ -32,7 +32,8 @@ use crate::revision::Revision;
 use crate::server::{State, CHUNKED_BODY_COST};
 use crate::throttler::{PodPermit, ThrottleError};
 
-/// Header lines parsed here; a request with more goes to hyper, which takes up to 2048.
+/// Header lines parsed here; a request with more goes to hyper, which takes up to
+/// `serve::MAX_HEADERS`.
 const MAX_PARSED_HEADERS: usize = 64;
 
 /// The most read from the socket in one call.
