@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, RETRY_AFTER, USER_AGENT};
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -17,7 +16,7 @@ use thaw_shared::conn::Connection;
 use thaw_shared::drain::UpgradeTracker;
 use thaw_shared::framing;
 use thaw_shared::headers;
-use thaw_shared::proxy::{self, ProxyError, Upstream};
+use thaw_shared::proxy::{self, ProxyError, Upstream, UpstreamBody};
 use thaw_shared::stats::InFlight;
 use thaw_shared::timeout::TimedOut;
 use thaw_shared::trace;
@@ -34,7 +33,7 @@ use crate::throttler::{PodPermit, ThrottleError};
 
 /// The body sent to pods: the client's, or nothing (which lets a request that could not
 /// connect be sent again to another pod).
-pub type OutboundBody = Either<Incoming, Empty<Bytes>>;
+pub use thaw_shared::proxy::OutboundBody;
 
 /// The activator's response body.
 pub type ResponseBody = thaw_shared::body::ResponseBody<RequestGuard>;
@@ -55,7 +54,7 @@ pub struct State {
     pub platform: Arc<dyn Platform>,
     pub stats: Arc<RevisionStats>,
     pub reporter: Option<Reporter>,
-    pub upstream: Upstream<OutboundBody>,
+    pub upstream: Upstream,
     pub upgrades: UpgradeTracker,
     pub draining: AtomicBool,
     pub cluster_domain: String,
@@ -267,7 +266,7 @@ enum Refused {
     Upstream(ProxyError),
 }
 
-type Proxied = (Response<Incoming>, PodPermit, Option<Duration>);
+type Proxied = (Response<UpstreamBody>, PodPermit, Option<Duration>);
 
 /// What a request parked before hyper got from the throttler, and whether it arrived cold.
 type ParkedSlot = (bool, Result<PodPermit, ThrottleError>);
@@ -358,7 +357,7 @@ async fn proxy_with_retry(
     parts: Parts,
     body: Incoming,
     mut permit: PodPermit,
-) -> Result<(Response<Incoming>, PodPermit), Refused> {
+) -> Result<(Response<UpstreamBody>, PodPermit), Refused> {
     let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
     let replayable = is_replayable(&parts);
     // A copy for a retry is only worth making when another pod could take it.
