@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{HeaderValue, StatusCode, Version};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -346,11 +346,31 @@ impl AsyncRead for ConnIo {
             return Poll::Ready(Ok(()));
         }
         this.poll_first_request(cx)?;
+        let stream = &this.stream;
         loop {
-            ready!(this.stream.poll_read_ready(cx))?;
-            // `try_read_buf` fills the unfilled part without zeroing it first.
-            match this.stream.try_read_buf(buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
+            ready!(stream.poll_read_ready(cx))?;
+            let room = buf.remaining();
+            let mut read = 0;
+            // A read that leaves room in `buf` drained the socket. Answering WouldBlock
+            // from inside `try_io` then makes tokio forget the socket's readiness, with
+            // the snapshot it took before the read (so bytes arriving since are not
+            // missed), and the next poll waits for the socket instead of paying a `recv`
+            // that can only say EAGAIN: one system call per request. tokio's own
+            // `poll_read` does the same; `try_read_buf` alone does not.
+            let result = stream.try_io(Interest::READABLE, || {
+                // `try_read_buf` fills the unfilled part without zeroing it first.
+                read = stream.try_read_buf(buf)?;
+                if read > 0 && read < room {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match result {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => {
+                    return Poll::Ready(Ok(()))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
