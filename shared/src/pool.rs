@@ -66,6 +66,14 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
 }
 
+/// Idle connections per address kept for the whole idle timeout: the most recently used,
+/// enough for a steady load's spread. The others are spares, left from a burst.
+const WARM: usize = 16;
+
+/// How long a spare idle connection is kept. Each holds its buffers and a task (about
+/// 20 KiB); a burst of a thousand would otherwise keep 20 MiB for the idle timeout.
+const SPARE_IDLE: Duration = Duration::from_secs(5);
+
 /// The HTTP/1.1 connections to all upstreams of one proxy.
 #[derive(Clone)]
 pub struct Pool {
@@ -218,10 +226,12 @@ impl Inner {
     }
 }
 
-/// Closes idle connections older than `timeout` (or closed by their upstream), every
-/// `timeout`, while the pool lives.
+/// Closes idle connections that outlived their keep: the [`WARM`] most recently used per
+/// address after `timeout`, the spares after [`SPARE_IDLE`]; and any closed by their
+/// upstream. Runs while the pool has idle connections.
 async fn reap(pool: Weak<Inner>, timeout: Duration) {
-    let every = timeout.max(Duration::from_millis(100));
+    let spare = SPARE_IDLE.min(timeout);
+    let every = spare.max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else {
@@ -230,7 +240,14 @@ async fn reap(pool: Weak<Inner>, timeout: Duration) {
         let now = Instant::now();
         let mut idle = pool.lock();
         idle.by_addr.retain(|_, conns| {
-            conns.retain(|c| now.duration_since(c.since) < timeout && !c.sender.is_closed());
+            // Oldest first: the last `WARM` are the warm ones.
+            let spares = conns.len().saturating_sub(WARM);
+            let mut i = 0;
+            conns.retain(|c| {
+                let keep = if i < spares { spare } else { timeout };
+                i += 1;
+                now.duration_since(c.since) < keep && !c.sender.is_closed()
+            });
             !conns.is_empty()
         });
         if idle.by_addr.is_empty() {
@@ -484,6 +501,24 @@ mod tests {
         assert_eq!(pool.idle(), 0, "the reaper closed it");
         read_all(pool.send(addr, get()).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn spares_from_a_burst_are_closed_long_before_the_warm_ones() {
+        let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        let pool = pool(100, Duration::from_secs(60));
+        let burst: Vec<_> = futures_util::future::join_all((0..40).map(|_| pool.send(addr, get())))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        for resp in burst {
+            read_all(resp).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 40);
+        assert_eq!(pool.idle(), 40);
+        tokio::time::sleep(SPARE_IDLE * 2 + Duration::from_millis(500)).await;
+        assert_eq!(pool.idle(), WARM, "the spares went, the warm ones stay");
     }
 
     #[tokio::test]
