@@ -476,6 +476,15 @@ fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
 /// Removes hop-by-hop headers, including any named by `Connection`. With `keep_upgrade`,
 /// `Connection: upgrade` and `Upgrade` survive so a websocket handshake can pass through.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names they have is cheaper than a
+    // hashed removal for each hop-by-hop name they might have.
+    if !keep_upgrade
+        && !headers
+            .keys()
+            .any(|k| *k == UPGRADE || headers::HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     strip_framing(headers);
     if headers.contains_key(CONNECTION) {
         // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
