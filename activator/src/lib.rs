@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod config;
 pub mod metrics;
+pub mod parking;
 pub mod platform;
 pub mod reporter;
 pub mod revision;
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 use crate::backends::ProbeSchedule;
 use crate::config::{Config, PlatformKind};
 use crate::metrics::Metrics;
+use crate::parking::Parking;
 use crate::platform::knative::{self, KnativeError};
 use crate::platform::kubernetes::{self, KubernetesError};
 use crate::platform::local::{self, LocalConfigError, LocalPlatform, LocalSettings};
@@ -222,22 +224,27 @@ pub async fn run_with(
     let s = Arc::clone(&state);
     let handler =
         move |conn: &Arc<Connection>, req| server::handle(Arc::clone(&s), Arc::clone(conn), req);
+    // Requests for a revision that must wait are parked before hyper, in a fraction of
+    // the memory a hyper connection holds.
+    let parking = Arc::new(Parking::new(Arc::clone(&state), config.read_header_timeout));
     let traffic = [
-        tokio::spawn(serve::serve(
+        tokio::spawn(serve::serve_with(
             http,
             Transport::Plain,
             Arc::clone(&builder),
             config.read_header_timeout,
             traffic_stopped.clone(),
             handler.clone(),
+            Some(Arc::clone(&parking)),
         )),
-        tokio::spawn(serve::serve(
+        tokio::spawn(serve::serve_with(
             h2c,
             Transport::Plain,
             Arc::clone(&builder),
             config.read_header_timeout,
             traffic_stopped,
             handler,
+            Some(parking),
         )),
     ];
     let s = Arc::clone(&state);

@@ -158,24 +158,38 @@ impl Registry {
         uri: &Uri,
         cluster_domain: &str,
     ) -> Option<Arc<Revision>> {
-        let snapshot = self.current();
         let header = |name| {
             headers
                 .get(name)
                 .and_then(|v: &HeaderValue| v.to_str().ok())
                 .filter(|v| !v.is_empty())
         };
-        if let (Some(name), Some(namespace)) = (
-            header(KNATIVE_SERVING_REVISION),
-            header(KNATIVE_SERVING_NAMESPACE),
-        ) {
-            return snapshot.by_name.get(namespace)?.get(name).cloned();
-        }
         let host = headers
             .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
-            .or_else(|| uri.authority().map(|a| a.as_str()))?;
-        let host = strip_port(host);
+            .or_else(|| uri.authority().map(|a| a.as_str()));
+        self.identify_by(
+            header(KNATIVE_SERVING_REVISION),
+            header(KNATIVE_SERVING_NAMESPACE),
+            host,
+            cluster_domain,
+        )
+    }
+
+    /// As [`Self::identify`], from the header values already read: the revision and
+    /// namespace headers (when both are there, they decide), else the host.
+    pub fn identify_by(
+        &self,
+        revision: Option<&str>,
+        namespace: Option<&str>,
+        host: Option<&str>,
+        cluster_domain: &str,
+    ) -> Option<Arc<Revision>> {
+        let snapshot = self.current();
+        if let (Some(name), Some(namespace)) = (revision, namespace) {
+            return snapshot.by_name.get(namespace)?.get(name).cloned();
+        }
+        let host = strip_port(host?);
         if let Some((name, namespace)) = service_host(host, cluster_domain) {
             if let Some(r) = snapshot.by_name.get(namespace).and_then(|m| m.get(name)) {
                 return Some(Arc::clone(r));

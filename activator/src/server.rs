@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, RETRY_AFTER, USER_AGENT};
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -17,14 +16,16 @@ use thaw_shared::conn::Connection;
 use thaw_shared::drain::UpgradeTracker;
 use thaw_shared::framing;
 use thaw_shared::headers;
-use thaw_shared::proxy::{self, ProxyError, Upstream};
+use thaw_shared::proxy::{self, ProxyError, Upstream, UpstreamBody};
 use thaw_shared::stats::InFlight;
+use thaw_shared::timeout::TimedOut;
 use thaw_shared::trace;
 use tokio::time::Instant;
 
 use thaw_shared::body::{self, local, text, PROMETHEUS_TEXT};
 
 use crate::metrics::{Metrics, RevisionGauges};
+use crate::parking::Admission;
 use crate::platform::Platform;
 use crate::reporter::{Reporter, RevisionStats};
 use crate::revision::{Registry, Revision};
@@ -32,7 +33,7 @@ use crate::throttler::{PodPermit, ThrottleError};
 
 /// The body sent to pods: the client's, or nothing (which lets a request that could not
 /// connect be sent again to another pod).
-pub type OutboundBody = Either<Incoming, Empty<Bytes>>;
+pub use thaw_shared::proxy::OutboundBody;
 
 /// The activator's response body.
 pub type ResponseBody = thaw_shared::body::ResponseBody<RequestGuard>;
@@ -53,7 +54,7 @@ pub struct State {
     pub platform: Arc<dyn Platform>,
     pub stats: Arc<RevisionStats>,
     pub reporter: Option<Reporter>,
-    pub upstream: Upstream<OutboundBody>,
+    pub upstream: Upstream,
     pub upgrades: UpgradeTracker,
     pub draining: AtomicBool,
     pub cluster_domain: String,
@@ -117,6 +118,9 @@ pub fn handle(
     mut req: Request<Incoming>,
 ) -> impl Future<Output = Response<ResponseBody>> + Send {
     async move {
+        // A request that waited before hyper parsed it (`crate::parking`) brings its
+        // revision and the wait's outcome; only ever a connection's first request.
+        let admission = conn.take_admission::<Admission>();
         // 0. A request whose target is ambiguous goes no further.
         if let Err(err) = framing::check_target(&mut req) {
             return framing::refuse(err);
@@ -130,12 +134,15 @@ pub fn handle(
             return network_probe(&state, probe, &req);
         }
         // 4. Which revision: unknown ones are 404.
-        let Some(revision) =
-            state
+        let revision = match &admission {
+            Some(parked) => Arc::clone(&parked.revision),
+            None => match state
                 .registry
                 .identify(req.headers(), req.uri(), &state.cluster_domain)
-        else {
-            return text(StatusCode::NOT_FOUND, "unknown revision");
+            {
+                Some(revision) => revision,
+                None => return text(StatusCode::NOT_FOUND, "unknown revision"),
+            },
         };
         // 5. Tracing, only when on: the request's server span, a child of the caller's
         //    `traceparent`, with the revision. Its children name it as their parent, so
@@ -153,10 +160,21 @@ pub fn handle(
                 },
             ))
         });
-        let started = Instant::now();
         // 6. Concurrency is reported for every request, waiting ones included: that is the
-        //    demand the autoscaler scales on.
-        let in_flight = state.stats.arrive(&revision.spec.id);
+        //    demand the autoscaler scales on. A parked request was counted on arrival.
+        let (started, in_flight, parked) = match admission {
+            Some(parked) => {
+                let Admission {
+                    started,
+                    in_flight,
+                    cold,
+                    outcome,
+                    ..
+                } = *parked;
+                (started, in_flight, Some((cold, outcome)))
+            }
+            None => (Instant::now(), state.stats.arrive(&revision.spec.id), None),
+        };
         // 7. The revision's timeouts; the wait in the throttler counts.
         let timeouts = revision.spec.timeouts;
         let log = state.platform.request_log().then(|| {
@@ -176,16 +194,28 @@ pub fn handle(
             span,
         };
         let version = req.version();
-        // 8 + 9. The throttler, then the proxy.
-        let head = throttle_and_proxy(
-            &state,
-            &revision,
-            &conn,
-            req,
-            started,
-            guard.span.as_deref(),
-        );
-        let resp = match timeouts.before_first_byte(started, head).await {
+        // 8 + 9. The throttler, then the proxy; a parked request has been through the
+        //    throttler already, and may have run out of time there.
+        let (slot, timed_out) = match parked {
+            Some((cold, Ok(slot))) => (Some((cold, slot)), false),
+            Some((_, Err(TimedOut))) => (None, true),
+            None => (None, false),
+        };
+        let result = if timed_out {
+            Err(TimedOut)
+        } else {
+            let head = throttle_and_proxy(
+                &state,
+                &revision,
+                &conn,
+                req,
+                started,
+                guard.span.as_deref(),
+                slot,
+            );
+            timeouts.before_first_byte(started, head).await
+        };
+        let resp = match result {
             Ok(Ok((resp, permit, cold_wait))) => {
                 let (mut parts, body) = resp.into_parts();
                 if let Some(waited) = cold_wait {
@@ -236,9 +266,12 @@ enum Refused {
     Upstream(ProxyError),
 }
 
-type Proxied = (Response<Incoming>, PodPermit, Option<Duration>);
+type Proxied = (Response<UpstreamBody>, PodPermit, Option<Duration>);
 
-/// Waits for a pod with a free slot, then proxies.
+/// What a request parked before hyper got from the throttler, and whether it arrived cold.
+type ParkedSlot = (bool, Result<PodPermit, ThrottleError>);
+
+/// Waits for a pod with a free slot (unless `parked` already did), then proxies.
 async fn throttle_and_proxy(
     state: &State,
     revision: &Revision,
@@ -246,6 +279,7 @@ async fn throttle_and_proxy(
     req: Request<Incoming>,
     started: Instant,
     span: Option<&tracing::Span>,
+    parked: Option<ParkedSlot>,
 ) -> Result<Proxied, Refused> {
     let (mut parts, body) = req.into_parts();
     rewrite_for_pod(&mut parts, conn.client_ip());
@@ -254,7 +288,29 @@ async fn throttle_and_proxy(
     if let Some(span) = span {
         trace::inject(span, &mut parts.headers);
     }
-    let cost = body_cost(&parts, &body);
+    let (permit, cold) = match parked {
+        Some((cold, slot)) => (slot.map_err(Refused::Throttled)?, cold),
+        None => wait_for_slot(state, revision, &mut parts, &body, span).await?,
+    };
+    let cold_wait = cold.then(|| started.elapsed());
+    // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
+    // here, once a pod is found, keeps it out of every parked request: a parked request
+    // holds only its head and its place in the queue.
+    let (resp, permit) =
+        Box::pin(proxy_with_retry(state, revision, conn, parts, body, permit)).await?;
+    Ok((resp, permit, cold_wait))
+}
+
+/// Takes a free slot on one of the revision's pods, waiting in its queue if none is free;
+/// also says whether the revision was cold (no ready pod) when the request arrived.
+async fn wait_for_slot(
+    state: &State,
+    revision: &Revision,
+    parts: &mut Parts,
+    body: &Incoming,
+    span: Option<&tracing::Span>,
+) -> Result<(PodPermit, bool), Refused> {
+    let cost = body_cost(parts, body);
     let cold = revision.throttler.ready_pods() == 0;
     if cold {
         state.platform.need_capacity(&revision.spec.id);
@@ -278,7 +334,7 @@ async fn throttle_and_proxy(
         None => {
             // About to wait, perhaps for long: hold the head in its own small allocation
             // rather than keep the server's whole read buffer alive through it.
-            compact_head(&mut parts);
+            compact_head(parts);
             revision
                 .throttler
                 .acquire(cost)
@@ -287,13 +343,7 @@ async fn throttle_and_proxy(
         }
     };
     drop(wait);
-    let cold_wait = cold.then(|| started.elapsed());
-    // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
-    // here, once a pod is found, keeps it out of every parked request: a parked request
-    // holds only its head and its place in the queue.
-    let (resp, permit) =
-        Box::pin(proxy_with_retry(state, revision, conn, parts, body, permit)).await?;
-    Ok((resp, permit, cold_wait))
+    Ok((permit, cold))
 }
 
 /// Proxies to the permit's pod. A request with no body is tried on another ready pod when
@@ -307,7 +357,7 @@ async fn proxy_with_retry(
     parts: Parts,
     body: Incoming,
     mut permit: PodPermit,
-) -> Result<(Response<Incoming>, PodPermit), Refused> {
+) -> Result<(Response<UpstreamBody>, PodPermit), Refused> {
     let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
     let replayable = is_replayable(&parts);
     // A copy for a retry is only worth making when another pod could take it.

@@ -276,6 +276,17 @@ impl State {
         Some(start + i)
     }
 
+    /// Whether [`Self::pick`] would find a pod, without moving its cursor.
+    fn has_free_slot(&self) -> bool {
+        let Some(pods) = self.pods.get(self.assigned.clone()) else {
+            return false;
+        };
+        match self.cc {
+            0 => !pods.is_empty(),
+            _ => pods.iter().any(|p| p.in_flight < self.pod_cc),
+        }
+    }
+
     /// Takes a slot at once, if one is free.
     fn take_slot(&mut self) -> Option<SocketAddr> {
         let i = self.pick()?;
@@ -496,6 +507,13 @@ impl Throttler {
     /// The caller bounds the wait (`tokio::time::timeout`): dropping the future removes
     /// the waiter without a trace, and a slot already handed to it goes to the next waiter
     /// or back to its pod.
+    /// Whether a request arriving now would wait: others already do, or no assigned pod
+    /// has a free slot. A closed revision's requests do not wait; they are refused.
+    pub fn would_wait(&self) -> bool {
+        let st = self.shared.lock();
+        !st.closed && (st.waiting > 0 || !st.has_free_slot())
+    }
+
     /// A slot now, if one is free and nobody is waiting (so FIFO order holds); `None`
     /// means the request would have to wait.
     pub fn try_acquire(&self) -> Result<Option<PodPermit>, ThrottleError> {

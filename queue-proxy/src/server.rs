@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{ACCEPT, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use thaw_shared::breaker::Breaker;
 use thaw_shared::conn::Connection;
@@ -31,7 +32,7 @@ pub struct State {
     pub drainer: Arc<Drainer>,
     pub stats: Arc<ConcurrencyRecorder>,
     pub breaker: Option<Arc<Breaker>>,
-    pub upstream: Upstream<Incoming>,
+    pub upstream: Upstream,
     pub upgrades: UpgradeTracker,
     pub prober: Prober,
     pub metrics: Arc<UserMetrics>,
@@ -160,7 +161,10 @@ pub fn handle(
             proxy::prepare_request(&mut req, Some(conn.client_ip()));
             proxy::relay_informational(&mut req, &conn);
             // The permit rides with the answer; on a timeout it drops with this future.
-            let resp = state.upstream.forward(req, &state.upgrades).await;
+            let resp = state
+                .upstream
+                .forward(req.map(Either::Left), &state.upgrades)
+                .await;
             resp.map(|resp| (resp, permit)).map_err(Refused::Upstream)
         };
         let result = state.timeouts.before_first_byte(started, head).await;

@@ -11,13 +11,12 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use tokio::time::Instant;
 
 use crate::conn::Connection;
-use crate::proxy::TunnelHold;
+use crate::proxy::{TunnelHold, UpstreamBody};
 use crate::timeout::{TimeoutBody, Timeouts, TIMEOUT_BODY};
 
 pin_project! {
@@ -26,7 +25,7 @@ pin_project! {
         Local { data: Option<Bytes> },
         Proxied {
             #[pin]
-            body: TimeoutBody<Incoming>,
+            body: TimeoutBody<UpstreamBody>,
             guard: Option<G>,
         },
         /// An HTTP/2 response under a watchdog; see [`ResponseBody::watched`].
@@ -36,7 +35,7 @@ pin_project! {
 
 /// What a watched response shares with its watchdog.
 pub struct Watched<G> {
-    body: Option<Pin<Box<TimeoutBody<Incoming>>>>,
+    body: Option<Pin<Box<TimeoutBody<UpstreamBody>>>>,
     guard: Option<G>,
     /// When the client last took a data frame.
     last_progress: Instant,
@@ -59,7 +58,7 @@ impl<G> ResponseBody<G> {
         }
     }
 
-    pub fn proxied(body: TimeoutBody<Incoming>, guard: G) -> Self {
+    pub fn proxied(body: TimeoutBody<UpstreamBody>, guard: G) -> Self {
         ResponseBody::Proxied {
             body,
             guard: Some(guard),
@@ -75,7 +74,7 @@ impl<G: Send + 'static> ResponseBody<G> {
     /// passes, or once the client took nothing for `idle`. HTTP/1 needs none of this: a
     /// stalled client blocks the socket, which [`crate::conn::ConnIo`] watches.
     pub fn watched(
-        body: TimeoutBody<Incoming>,
+        body: TimeoutBody<UpstreamBody>,
         guard: G,
         total: Option<Instant>,
         idle: Option<Duration>,
@@ -100,7 +99,7 @@ impl<G: Send + 'static> ResponseBody<G> {
 /// streams under `timeouts`, which also bound how long a client that stops reading may
 /// hold it (through the connection on HTTP/1, a watchdog on HTTP/2).
 pub fn proxied_response<G: Send + 'static>(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     guard: G,
     conn: &Connection,
     version: Version,

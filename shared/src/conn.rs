@@ -12,7 +12,12 @@
 //!   its idle timeout; hyper then drops the connection and, with it, the response's guard.
 //! - **hyper's server cannot send a `1xx`.** [`Connection::informational`] writes one
 //!   straight onto the socket, ahead of the final head, as Go's ReverseProxy forwards them.
+//!
+//! A connection may also have been read before hyper saw it (see `serve::BeforeHyper`):
+//! [`ConnIo::with_prefix`] hands hyper those bytes first, and [`Connection::take_admission`]
+//! carries what was decided about its first request.
 
+use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -21,8 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use http::{HeaderValue, StatusCode, Version};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -39,6 +45,10 @@ pub struct Connection {
     /// `1xx` bytes the socket did not take at once; written before anything of hyper's.
     pending: Mutex<Vec<u8>>,
     has_pending: AtomicBool,
+    /// What was decided about the first request before hyper parsed it, for its handler.
+    admission: Mutex<Option<Box<dyn Any + Send>>>,
+    /// Whether `admission` holds one: the lock is only taken when it does.
+    has_admission: AtomicBool,
 }
 
 /// How long the response being written may stall on a client that does not read.
@@ -66,7 +76,33 @@ impl Connection {
             raw,
             pending: Mutex::new(Vec::new()),
             has_pending: AtomicBool::new(false),
+            admission: Mutex::new(None),
+            has_admission: AtomicBool::new(false),
         }
+    }
+
+    /// Leaves `admission` for the handler of this connection's first request.
+    pub fn set_admission(&self, admission: Box<dyn Any + Send>) {
+        if let Ok(mut slot) = self.admission.lock() {
+            *slot = Some(admission);
+            self.has_admission.store(true, Ordering::Release);
+        }
+    }
+
+    /// Takes what was decided about this request before hyper parsed it, if anything
+    /// was: only ever for the first request of a connection. One atomic load otherwise.
+    pub fn take_admission<T: Any>(&self) -> Option<Box<T>> {
+        if !self.has_admission.load(Ordering::Acquire) {
+            return None;
+        }
+        self.has_admission.store(false, Ordering::Release);
+        let taken = self.admission.lock().ok()?.take()?;
+        taken.downcast::<T>().ok()
+    }
+
+    /// Whether a request has arrived on this connection.
+    pub fn request_seen(&self) -> bool {
+        self.request_seen.load(Ordering::Relaxed)
     }
 
     /// The client's address as `X-Forwarded-For` wants it.
@@ -147,6 +183,8 @@ impl Connection {
 pub struct ConnIo {
     stream: Arc<TcpStream>,
     conn: Arc<Connection>,
+    /// Bytes read from the socket before hyper got it, served before the socket's own.
+    prefix: Bytes,
     /// Until the first request: when the connection is closed for sending none.
     first_request: Option<Pin<Box<Sleep>>>,
     /// Armed while a write is blocked.
@@ -163,6 +201,24 @@ impl ConnIo {
         read_header_timeout: Duration,
         raw_informational: bool,
     ) -> (Self, Arc<Connection>) {
+        Self::with_prefix(
+            stream,
+            Bytes::new(),
+            client_ip,
+            read_header_timeout,
+            raw_informational,
+        )
+    }
+
+    /// As [`ConnIo::new`], for a stream from which `prefix` was already read: hyper reads
+    /// those bytes first.
+    pub fn with_prefix(
+        stream: TcpStream,
+        prefix: Bytes,
+        client_ip: HeaderValue,
+        read_header_timeout: Duration,
+        raw_informational: bool,
+    ) -> (Self, Arc<Connection>) {
         let stream = Arc::new(stream);
         let raw = raw_informational.then(|| Arc::clone(&stream));
         let conn = Arc::new(Connection::new(client_ip, raw));
@@ -170,6 +226,7 @@ impl ConnIo {
         let io = Self {
             stream,
             conn: Arc::clone(&conn),
+            prefix,
             first_request,
             stall: None,
             stalled: false,
@@ -278,12 +335,42 @@ impl AsyncRead for ConnIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            if !this.prefix.has_remaining() {
+                // An empty slice still holds its whole allocation.
+                this.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         this.poll_first_request(cx)?;
+        let stream = &this.stream;
         loop {
-            ready!(this.stream.poll_read_ready(cx))?;
-            // `try_read_buf` fills the unfilled part without zeroing it first.
-            match this.stream.try_read_buf(buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
+            ready!(stream.poll_read_ready(cx))?;
+            let room = buf.remaining();
+            let mut read = 0;
+            // A read that leaves room in `buf` drained the socket. Answering WouldBlock
+            // from inside `try_io` then makes tokio forget the socket's readiness, with
+            // the snapshot it took before the read (so bytes arriving since are not
+            // missed), and the next poll waits for the socket instead of paying a `recv`
+            // that can only say EAGAIN: one system call per request. tokio's own
+            // `poll_read` does the same; `try_read_buf` alone does not.
+            let result = stream.try_io(Interest::READABLE, || {
+                // `try_read_buf` fills the unfilled part without zeroing it first.
+                read = stream.try_read_buf(buf)?;
+                if read > 0 && read < room {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match result {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => {
+                    return Poll::Ready(Ok(()))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -356,6 +443,32 @@ mod tests {
         let err = io.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(err.to_string(), NO_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_hyper_come_first_then_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let ip = HeaderValue::from_static("127.0.0.1");
+        let prefix = Bytes::from_static(b"GET / HTTP/1.1\r\n");
+        let (mut io, conn) = ConnIo::with_prefix(server, prefix, ip, Duration::from_secs(5), true);
+        client.write_all(b"host: a\r\n\r\n").await.unwrap();
+        drop(client);
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+        assert!(conn.take_admission::<u32>().is_none());
+        conn.set_admission(Box::new(7u32));
+        assert!(
+            conn.take_admission::<String>().is_none(),
+            "a wrong type is dropped"
+        );
+        conn.set_admission(Box::new(7u32));
+        assert_eq!(conn.take_admission::<u32>().as_deref(), Some(&7));
+        assert!(conn.take_admission::<u32>().is_none(), "taken once");
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ pub mod lifeline;
 pub mod limits;
 pub mod logging;
 pub mod names;
+pub mod pool;
 pub mod probe;
 pub mod proto;
 pub mod proxy;

@@ -1,4 +1,5 @@
-//! Streaming reverse proxy onto one upstream address, on hyper-util's pooled client.
+//! Streaming reverse proxy onto one upstream address: HTTP/1.1 on the connections of
+//! [`crate::pool`], h2c on hyper-util's client.
 //!
 //! Bodies stream both ways frame by frame (no buffering, so server-sent events and chunked
 //! streams arrive piece by piece). HTTP/2 requests go out as h2c, HTTP/1 ones as HTTP/1.1.
@@ -13,11 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, CONNECTION, HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::{Body, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -25,10 +24,10 @@ use tokio::net::TcpStream;
 use crate::conn::Connection;
 use crate::drain::UpgradeTracker;
 use crate::headers;
+pub use crate::pool::{OutboundBody, UpstreamBody};
+use crate::pool::{Pool, PoolSettings, SendError};
 use crate::quickack::UpstreamStream;
-use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::serve::MAX_HEADER_BYTES;
 
 /// Which address a connection goes to.
 #[derive(Debug, Clone, Copy)]
@@ -205,35 +204,29 @@ pub struct UpstreamSettings {
 
 /// A pooled HTTP/1.1 + h2c client, bound to one upstream or dialing per request.
 #[derive(Debug, Clone)]
-pub struct Upstream<B> {
-    http1: Client<Connector, B>,
-    http2: Client<Connector, B>,
+pub struct Upstream {
+    http1: Pool,
+    http2: Client<Connector, OutboundBody>,
     fixed: Option<(SocketAddr, Authority)>,
 }
 
-impl<B> Upstream<B>
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+impl Upstream {
     pub fn new(settings: UpstreamSettings) -> Self {
         let connector = Connector {
             dial: settings.dial,
             quick_ack: settings.quick_ack,
         };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
+        let http1 = Pool::new(PoolSettings {
+            quick_ack: settings.quick_ack,
+            max_idle: settings.max_idle,
+            idle_timeout: settings.idle_timeout,
+        });
+        let http2 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.idle_timeout)
             .pool_max_idle_per_host(settings.max_idle)
-            // The app's response heads are held to the size a request head may have, not
-            // to hyper's 100 lines (Go's proxy passes a response of 151 headers).
-            .http1_max_buf_size(MAX_HEADER_BYTES)
-            .http1_max_headers(MAX_HEADERS)
-            .http2_max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
-        let http1 = builder.build(connector);
-        let http2 = builder
+            .http2_max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
             .http2_only(true)
             .http2_adaptive_window(true)
             .build(connector);
@@ -252,9 +245,9 @@ where
     /// app sees the client's own `Host` / `:authority`.
     pub async fn forward(
         &self,
-        req: Request<B>,
+        req: Request<OutboundBody>,
         upgrades: &UpgradeTracker,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let Some((addr, authority)) = &self.fixed else {
             return Err(ProxyError::Connect {
                 addr: unspecified(),
@@ -270,9 +263,9 @@ where
     pub async fn forward_to(
         &self,
         addr: SocketAddr,
-        req: Request<B>,
+        req: Request<OutboundBody>,
         upgrades: &UpgradeTracker,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         self.send(addr, authority_of(addr), true, req, upgrades)
             .await
     }
@@ -284,29 +277,31 @@ where
         addr: SocketAddr,
         authority: Authority,
         force_authority: bool,
-        mut req: Request<B>,
+        mut req: Request<OutboundBody>,
         upgrades: &UpgradeTracker,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
-        let h2 = req.version() == Version::HTTP_2;
-        set_target(&mut req, h2, authority, force_authority);
-        let result = if h2 {
-            self.http2.request(req).await
+        let mut resp = if req.version() == Version::HTTP_2 {
+            set_target(&mut req, true, authority, force_authority);
+            let resp = self.http2.request(req).await.map_err(|e| {
+                let reason = error_chain(&e);
+                if e.is_connect() {
+                    ProxyError::Connect { addr, reason }
+                } else {
+                    classify(addr, &e, reason)
+                }
+            })?;
+            resp.map(UpstreamBody::unpooled)
         } else {
-            self.http1.request(req).await
+            set_target(&mut req, false, authority, force_authority);
+            self.http1.send(addr, req).await.map_err(|e| match e {
+                SendError::Connect(e) => ProxyError::Connect {
+                    addr,
+                    reason: error_chain(&e),
+                },
+                SendError::Http(e) => classify(addr, &e, error_chain(&e)),
+            })?
         };
-        let mut resp = result.map_err(|e| {
-            let reason = error_chain(&e);
-            if e.is_connect() {
-                ProxyError::Connect { addr, reason }
-            } else if is_request_body_error(&e) {
-                ProxyError::ClientBody { reason }
-            } else if is_connection_lost(&e) {
-                ProxyError::Lost { addr, reason }
-            } else {
-                ProxyError::Upstream { addr, reason }
-            }
-        })?;
         // hyper bounds the head only by its read buffer, which can grow past the limit
         // within one read: hold the app to the size a request head may have.
         if head_size(resp.headers()) > MAX_HEADER_BYTES {
@@ -316,6 +311,8 @@ where
             });
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection now belongs to the upgrade, never to the pool.
+            resp.body_mut().forget_connection();
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let tracked = upgrades.track();
@@ -342,6 +339,21 @@ where
         }
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
+    }
+}
+
+/// Which [`ProxyError`] a failed exchange is, once a connection was made.
+fn classify(
+    addr: SocketAddr,
+    err: &(dyn std::error::Error + 'static),
+    reason: String,
+) -> ProxyError {
+    if is_request_body_error(err) {
+        ProxyError::ClientBody { reason }
+    } else if is_connection_lost(err) {
+        ProxyError::Lost { addr, reason }
+    } else {
+        ProxyError::Upstream { addr, reason }
     }
 }
 
@@ -399,12 +411,32 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// Points the request at the upstream: an absolute URI for the pool, HTTP/1.1 or h2.
+/// Points the request at the upstream. HTTP/1.1 goes out in origin form with a `Host`
+/// (the client's, unless `force_authority`); h2 as an absolute URI for hyper-util's pool,
+/// the host in `:authority`.
 fn set_target<B>(req: &mut Request<B>, h2: bool, authority: Authority, force_authority: bool) {
     let uri = std::mem::take(req.uri_mut());
     let mut parts = uri.into_parts();
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    if !h2 {
+        *req.version_mut() = Version::HTTP_11;
+        if force_authority || !req.headers().contains_key(HOST) {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(HOST, host);
+            }
+        }
+        parts.scheme = None;
+        parts.authority = None;
+        // A path and query alone always make a URI; keep the default rather than panic.
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+        return;
+    }
     parts.scheme = Some(Scheme::HTTP);
-    if h2 && !force_authority {
+    if force_authority {
+        parts.authority = Some(authority);
+    } else {
         // HTTP/2 carries the host as `:authority`; a `Host` header set upstream of
         // here (K-Original-Host) wins, as Go's proxy sends `req.Host`.
         if let Some(host) = req.headers_mut().remove(HOST) {
@@ -415,14 +447,6 @@ fn set_target<B>(req: &mut Request<B>, h2: bool, authority: Authority, force_aut
         if parts.authority.is_none() {
             parts.authority = Some(authority);
         }
-    } else {
-        parts.authority = Some(authority);
-    }
-    if !h2 {
-        *req.version_mut() = Version::HTTP_11;
-    }
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
     // Every part is set and individually valid, so this cannot fail; keep the default
     // URI rather than panic if it ever does.
@@ -452,6 +476,15 @@ fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
 /// Removes hop-by-hop headers, including any named by `Connection`. With `keep_upgrade`,
 /// `Connection: upgrade` and `Upgrade` survive so a websocket handshake can pass through.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names they have is cheaper than a
+    // hashed removal for each hop-by-hop name they might have.
+    if !keep_upgrade
+        && !headers
+            .keys()
+            .any(|k| *k == UPGRADE || headers::HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     strip_framing(headers);
     if headers.contains_key(CONNECTION) {
         // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
@@ -721,14 +754,14 @@ mod tests {
     }
 
     async fn send_to(addr: SocketAddr) -> ProxyError {
-        let upstream = Upstream::<http_body_util::Empty<Bytes>>::new(UpstreamSettings {
+        let upstream = Upstream::new(UpstreamSettings {
             dial: Dial::Authority,
             quick_ack: false,
             max_idle: 1,
             idle_timeout: Duration::from_secs(1),
         });
         let req = Request::get("/")
-            .body(http_body_util::Empty::new())
+            .body(http_body_util::Either::Right(http_body_util::Empty::new()))
             .unwrap();
         upstream
             .forward_to(addr, req, &UpgradeTracker::default())
