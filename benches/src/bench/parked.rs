@@ -194,7 +194,7 @@ async fn measure(ctx: &Ctx, n: usize) -> Result<String, String> {
     ]);
     let mut out = table.render();
     out.push_str(&format!(
-        "\nThe activator (one revision, static endpoint 127.0.0.1:{qp_port}, CC=100, `--max-waiting` 10000, default 64 MiB buffer budget) is sent {n} GETs on {n} connections, {BATCH} connects at a time, until `{WAITING}` reads {n} ({} ms); its RSS is then sampled 5 times over 500 ms (target ≤ 120 MiB for 10 000). \"pod start\" is when the bench starts the pod (test app, then a queue-proxy with CC=100 on the endpoint's port); \"pod up\" is when both are listening; \"all answered\" is when the last response body arrived. Activator RSS after the burst: {} MiB; the pod's queue-proxy: {} MiB.\n",
+        "\nThe activator (one revision, static endpoint 127.0.0.1:{qp_port}, CC=100, `--max-waiting` 10000, default 64 MiB buffer budget) is sent {n} GETs on {n} connections, {BATCH} connects at a time, until `{WAITING}` reads {n} ({} ms); its RSS is then sampled 5 times over 500 ms (target ≤ 64 MiB for 10 000, about 6.5 KiB each). Each request is the first of its connection, so it waits parked before hyper (`activator/src/parking.rs`). \"pod start\" is when the bench starts the pod (test app, then a queue-proxy with CC=100 on the endpoint's port); \"pod up\" is when both are listening; \"all answered\" is when the last response body arrived. Activator RSS after the burst: {} MiB; the pod's queue-proxy: {} MiB.\n",
         parked_after.as_millis(),
         mib(rss_after),
         mib(qp_rss),
