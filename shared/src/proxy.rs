@@ -254,8 +254,7 @@ impl Upstream {
                 reason: "no fixed upstream".into(),
             });
         };
-        self.send(*addr, authority.clone(), false, req, upgrades)
-            .await
+        self.send(*addr, Some(authority), req, upgrades).await
     }
 
     /// Sends a request to `addr`, which also becomes the request's authority (the
@@ -266,23 +265,24 @@ impl Upstream {
         req: Request<OutboundBody>,
         upgrades: &UpgradeTracker,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        self.send(addr, authority_of(addr), true, req, upgrades)
-            .await
+        self.send(addr, None, req, upgrades).await
     }
 
     /// Returns the response with its hop-by-hop headers removed. Upgrades are spliced in
     /// the background and tracked by `upgrades`.
+    /// `fixed` is the fixed upstream's authority, which the client's own `Host` wins
+    /// over; without it, `addr` is the request's host.
     async fn send(
         &self,
         addr: SocketAddr,
-        authority: Authority,
-        force_authority: bool,
+        fixed: Option<&Authority>,
         mut req: Request<OutboundBody>,
         upgrades: &UpgradeTracker,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
         let mut resp = if req.version() == Version::HTTP_2 {
-            set_target(&mut req, true, authority, force_authority);
+            let authority = fixed.cloned().unwrap_or_else(|| authority_of(addr));
+            set_h2_target(&mut req, authority, fixed.is_none());
             let resp = self.http2.request(req).await.map_err(|e| {
                 let reason = error_chain(&e);
                 if e.is_connect() {
@@ -293,7 +293,7 @@ impl Upstream {
             })?;
             resp.map(UpstreamBody::unpooled)
         } else {
-            set_target(&mut req, false, authority, force_authority);
+            set_h1_target(&mut req, addr, fixed.is_none());
             self.http1.send(addr, req).await.map_err(|e| match e {
                 SendError::Connect(e) => ProxyError::Connect {
                     addr,
@@ -411,27 +411,44 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// Points the request at the upstream. HTTP/1.1 goes out in origin form with a `Host`
-/// (the client's, unless `force_authority`); h2 as an absolute URI for hyper-util's pool,
-/// the host in `:authority`.
-fn set_target<B>(req: &mut Request<B>, h2: bool, authority: Authority, force_authority: bool) {
+/// Points an HTTP/1.1 request at `addr`: origin form, with the client's `Host`, or
+/// `addr` as the host when `force_host` or when the client sent none.
+fn set_h1_target<B>(req: &mut Request<B>, addr: SocketAddr, force_host: bool) {
+    *req.version_mut() = Version::HTTP_11;
+    if force_host || !req.headers().contains_key(HOST) {
+        req.headers_mut().insert(HOST, host_of(addr));
+    }
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+    }
+}
+
+/// `ip:port` as a `Host` value, formatted on the stack rather than through a `String`
+/// and an `Authority` parse: the activator sends every request to a pod's address.
+fn host_of(addr: SocketAddr) -> HeaderValue {
+    use std::io::Write;
+    // `[` + 39 + `]:` + 5 for the longest IPv6 address: 47 bytes.
+    let mut buf = [0u8; 64];
+    let mut rest = &mut buf[..];
+    let len = match write!(rest, "{addr}") {
+        Ok(()) => 64 - rest.len(),
+        Err(_) => 0,
+    };
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0"))
+}
+
+/// Points an h2 request at the upstream: an absolute URI for hyper-util's pool, the host
+/// in `:authority` (the client's, unless `force_authority`).
+fn set_h2_target<B>(req: &mut Request<B>, authority: Authority, force_authority: bool) {
     let uri = std::mem::take(req.uri_mut());
     let mut parts = uri.into_parts();
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    if !h2 {
-        *req.version_mut() = Version::HTTP_11;
-        if force_authority || !req.headers().contains_key(HOST) {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(HOST, host);
-            }
-        }
-        parts.scheme = None;
-        parts.authority = None;
-        // A path and query alone always make a URI; keep the default rather than panic.
-        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
-        return;
     }
     parts.scheme = Some(Scheme::HTTP);
     if force_authority {
@@ -781,6 +798,28 @@ mod tests {
     async fn a_malformed_answer_is_an_upstream_error_not_a_lost_one() {
         let err = send_to(one_shot_upstream(Some(b"NOT HTTP AT ALL\r\n\r\n")).await).await;
         assert!(matches!(err, ProxyError::Upstream { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_pod_address_is_its_host() {
+        assert_eq!(host_of("10.1.2.3:8012".parse().unwrap()), "10.1.2.3:8012");
+        assert_eq!(
+            host_of("[fd00:1:2:3:4:5:6:7]:65535".parse().unwrap()),
+            "[fd00:1:2:3:4:5:6:7]:65535"
+        );
+        let mut req = Request::get("http://example.com/a?b=1").body(()).unwrap();
+        set_h1_target(&mut req, "10.0.0.1:80".parse().unwrap(), true);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()[HOST], "10.0.0.1:80");
+        let mut req = Request::get("/x")
+            .header(HOST, "app.example")
+            .body(())
+            .unwrap();
+        set_h1_target(&mut req, "10.0.0.1:80".parse().unwrap(), false);
+        assert_eq!(
+            (req.uri().path(), &req.headers()[HOST]),
+            ("/x", &HeaderValue::from_static("app.example"))
+        );
     }
 
     #[test]
