@@ -144,6 +144,49 @@ async fn one(n: usize, variant: usize) -> Result<Run, String> {
     })
 }
 
+/// One cold start on the local platform: a fresh activator whose revision runs the test
+/// app (which listens at once) behind a queue-proxy the activator starts for it. From
+/// the request sent to its response: both processes' start included.
+async fn local_one(n: usize) -> Result<(Duration, Option<String>), String> {
+    let app = harness::bin("thaw-testapp");
+    let yaml = format!(
+        "revisions:\n  - name: hello\n    namespace: default\n    hosts: [hello.local]\n    command: [{:?}, \"--threads\", \"1\"]\n    containerConcurrency: 0\n    minScale: 0\n    readinessProbe:\n      tcpSocket: {{}}\n",
+        app.display().to_string()
+    );
+    let act = Activator::start(&yaml, &[]).await;
+    let stream = TcpStream::connect(act.http)
+        .await
+        .map_err(|e| format!("connect to the activator: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get("/")
+        .header("host", "hello.local")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let sent = Instant::now();
+    let resp = tokio::time::timeout(harness::EVENTUALLY, sender.send_request(req))
+        .await
+        .map_err(|_| "no response within 15 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let took = sent.elapsed();
+    let header = resp
+        .headers()
+        .get("thaw-cold-start")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if resp.status() != http::StatusCode::OK {
+        return Err(format!("local run {n}: status {}", resp.status()));
+    }
+    let _ = resp.into_body().collect().await;
+    drop(act);
+    Ok((took, header))
+}
+
 pub async fn run(ctx: Arc<Ctx>) -> Section {
     let runs = ctx.coldstart_runs.max(1);
     let mut section = Section::new(&format!(
@@ -164,6 +207,19 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
                     super::panic_message(e)
                 )),
             }
+        }
+    }
+    let mut local = Vec::new();
+    for i in 1..=runs {
+        super::wait_quiet(&ctx).await;
+        progress(&format!("coldstart: run {i}/{runs}, local platform"));
+        match tokio::spawn(local_one(i)).await {
+            Ok(Ok(r)) => local.push(r),
+            Ok(Err(e)) => section.fail(format!("coldstart local run {i}: {e}")),
+            Err(e) => section.fail(format!(
+                "coldstart local run {i}: {}",
+                super::panic_message(e)
+            )),
         }
     }
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
@@ -204,7 +260,34 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
             ]);
         }
     }
+    if !local.is_empty() {
+        let total: Vec<f64> = local.iter().map(|(d, _)| ms(d)).collect();
+        let headers: Vec<f64> = local
+            .iter()
+            .filter_map(|(_, h)| h.as_deref()?.trim().parse().ok())
+            .collect();
+        for (what, values, digits) in [
+            ("**request sent → response**", total, 1),
+            ("`Thaw-Cold-Start` header", headers, 0),
+        ] {
+            if values.is_empty() {
+                continue;
+            }
+            let (m, lo, hi) = spread(&values);
+            table.row(vec![
+                "local platform, an app that listens at once".to_owned(),
+                what.to_owned(),
+                format!("{m:.digits$}"),
+                format!("{lo:.digits$}"),
+                format!("{hi:.digits$}"),
+                values.len().to_string(),
+            ]);
+        }
+    }
     section.line(&table.render());
+    section.line(
+        "The local platform rows: a fresh activator per run whose one revision runs `thaw-testapp --threads 1` (it listens at once) with `minScale: 0` and a `tcpSocket` readiness probe; one `GET /` is sent, and the time is until its response head arrives: the activator starting the queue-proxy and app processes, the queue-proxy seeing the app, the activator seeing the queue-proxy, and the request (target ≤ 15 ms median)."
+    );
     section.line(&format!(
         "Each run starts a fresh queue-proxy (CC=0, readiness probe `{{\"tcpSocket\":{{\"port\":<app port>}}}}`, i.e. `periodSeconds: 0`: aggressive probing at the pace shown) for an app port nothing listens on yet, and a fresh activator whose one revision has that queue-proxy as its static endpoint. One `GET /` (Host: hello.local) is sent to the activator and the bench waits until `activator_requests_waiting` reads 1. Then it starts `thaw-testapp --slow-start-ms {SLOW_START_MS}` on the app port, and a plain thread connects to the app port every 100 µs: **T_listen** is the first connect that succeeds (the app is accepting; resolution ≈ 0.1 ms plus scheduling). **T_resp** is when the response headers of the parked request reach the bench. The pickup is T_resp − T_listen: the queue-proxy noticing the app (its probe pace; with either setting an attempt the app's port refuses is followed by the next after 1 ms), the activator noticing the queue-proxy (its probe waits in the queue-proxy's health check, which answers as soon as the app is seen), and the proxied request itself ([beyond] target ≤ 2 ms median with the default settings; Knative's probe tick alone is 200 ms). \"request sent → response\" also includes the app's process start and its {SLOW_START_MS} ms slow start. `Thaw-Cold-Start` is the activator's own figure for the wait. The two settings alternate run by run; the second is `THAW_AGGRESSIVE_PROBE_INTERVAL=2ms THAW_WORKER_THREADS=1`, what the local platform gives its pods."
     ));
