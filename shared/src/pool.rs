@@ -72,7 +72,7 @@ const WARM: usize = 16;
 
 /// How long a spare idle connection is kept. Each holds its buffers and a task (about
 /// 20 KiB); a burst of a thousand would otherwise keep 20 MiB for the idle timeout.
-const SPARE_IDLE: Duration = Duration::from_secs(5);
+const SPARE_IDLE: Duration = Duration::from_secs(2);
 
 /// The HTTP/1.1 connections to all upstreams of one proxy.
 #[derive(Clone)]
@@ -231,7 +231,8 @@ impl Inner {
 /// upstream. Runs while the pool has idle connections.
 async fn reap(pool: Weak<Inner>, timeout: Duration) {
     let spare = SPARE_IDLE.min(timeout);
-    let every = spare.max(Duration::from_millis(100));
+    // Twice per spare's keep, so a spare goes at most half a keep late.
+    let every = (spare / 2).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else {
