@@ -546,7 +546,10 @@ pub struct ProbeTiming {
     /// refused ([beyond]): nothing listens on the port yet, so asking again costs the app
     /// nothing and the kernel a few microseconds, and the first attempt after the app
     /// starts listening comes within about this long instead of `aggressive_interval`
-    /// (Knative's 50 ms). Never longer than `aggressive_interval`.
+    /// (Knative's 50 ms). Never longer than `aggressive_interval`. Tokio's timer rounds a
+    /// deadline up to its next whole millisecond, so anything under 1 ms means "at the
+    /// next tick": attempts a millisecond apart, the app seen 0.5 ms after it listens on
+    /// average. A pause of exactly 1 ms rounds to the tick after next, twice as slow.
     pub refused_interval: Duration,
     /// Time one attempt may take.
     pub aggressive_attempt_timeout: Duration,
@@ -558,7 +561,7 @@ impl Default for ProbeTiming {
     fn default() -> Self {
         Self {
             aggressive_interval: Duration::from_millis(50),
-            refused_interval: Duration::from_millis(1),
+            refused_interval: Duration::from_micros(100),
             aggressive_attempt_timeout: Duration::from_millis(100),
             aggressive_total: Duration::from_secs(10),
         }
@@ -1914,6 +1917,17 @@ mod tests {
                 http2_auto_detect: false,
             },
         )
+    }
+
+    #[test]
+    fn by_default_a_refused_port_is_asked_again_at_every_timer_tick() {
+        // Tokio rounds a deadline up to its next whole millisecond: a pause of 1 ms would
+        // land on the tick after next, and the bench's pickup measured 2.3 ms median
+        // with it against 1.8 ms with a pause below one tick.
+        let timing = ProbeTiming::default();
+        assert!(timing.refused_interval < Duration::from_millis(1));
+        assert!(timing.refused_interval >= Duration::from_micros(100));
+        assert_eq!(timing.aggressive_interval, Duration::from_millis(50));
     }
 
     #[tokio::test]
