@@ -11,6 +11,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -238,8 +239,13 @@ where
     let handler = handler.clone();
     hyper::service::service_fn(move |req| {
         conn.request_started();
-        let fut = handler(&conn, req);
-        async move { Ok::<_, Infallible>(fut.await) }
+        // The request stack's future is several kilobytes. Boxed once here, it is never
+        // copied again: hyper's h2 server moves each stream's future into a spawned
+        // task and tokio rewrites the task's whole stage when it ends, and an
+        // `async move { Ok(fut.await) }` wrapper would move it into its await slot at
+        // the first poll. Those copies were a quarter of the queue-proxy's CPU under
+        // h2load (1 connection x 100 streams: 49k -> 62k rps); HTTP/1 is unchanged.
+        Box::pin(handler(&conn, req)).map(Ok::<_, Infallible>)
     })
 }
 

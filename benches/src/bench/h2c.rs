@@ -1,10 +1,11 @@
 //! HTTP/2 without TLS (h2c, prior knowledge) through the queue-proxy against nginx's
 //! `http2` listener, driven by h2load: 1 and 8 connections, 100 streams each.
 //!
-//! Both proxies speak HTTP/1.1 keep-alive to the test app, as a Knative revision whose
-//! port is not named `h2c` is served, so the rows compare the h2 server side and the
-//! stream-to-connection fan-out. h2load drives the load because the in-tree generator
-//! speaks HTTP/1.1 only; it is a C client, so the generator's cost is the same for both.
+//! nginx speaks HTTP/1.1 keep-alive to the test app; the queue-proxy forwards each h2
+//! request as h2c on one shared connection, as Knative's queue-proxy does, so the app
+//! serves h2 behind it and HTTP/1.1 behind nginx. h2load drives the load because the
+//! in-tree generator speaks HTTP/1.1 only; it is a C client, so the generator's cost is the
+//! same for both.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -351,7 +352,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Section {
     }
     section.line(&table.render());
     section.line(&format!(
-        "GET / (12-byte body) over h2c with prior knowledge: `h2load -c <conns> -m {STREAMS} -t <min(conns, cores)> --warm-up-time {} -D {}`, {} repetition(s) interleaved, a fresh proxy process per cell, both proxies speaking HTTP/1.1 keep-alive to the same test app. h2load reports no percentiles, so latency is its mean and max; the target is rps. CPU µs/req is the proxy's user + sys CPU (nginx: its worker) over the measured window ÷ requests served. Ratios divide medians by nginx's at the same shape.",
+        "GET / (12-byte body) over h2c with prior knowledge: `h2load -c <conns> -m {STREAMS} -t <min(conns, cores)> --warm-up-time {} -D {}`, {} repetition(s) interleaved, a fresh proxy process per cell, the same test app behind both (nginx speaks HTTP/1.1 keep-alive to it; the queue-proxy forwards h2 as h2c, as Knative's does). h2load reports no percentiles, so latency is its mean and max; the target is rps. CPU µs/req is the proxy's user + sys CPU (nginx: its worker) over the measured window ÷ requests served. Ratios divide medians by nginx's at the same shape.",
         h2load_duration(ctx.warmup),
         h2load_duration(ctx.duration),
         ctx.reps,
