@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use thaw_benches::harness::{self, Activator, QueueProxy};
 use tokio::net::TcpStream;
@@ -60,6 +61,36 @@ const VARIANTS: [Variant; 2] = [
     },
 ];
 
+/// A fresh keep-alive connection to the activator at `addr`, and a `GET /` for
+/// `hello.local` to send on it.
+async fn hello_request(
+    addr: SocketAddr,
+) -> Result<(SendRequest<Empty<Bytes>>, Request<Empty<Bytes>>), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect to the activator: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get("/")
+        .header("host", "hello.local")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    Ok((sender, req))
+}
+
+/// The activator's own figure for the wait, `Thaw-Cold-Start`.
+fn cold_start_header<B>(resp: &http::Response<B>) -> Option<String> {
+    resp.headers()
+        .get("thaw-cold-start")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 async fn one(n: usize, variant: usize) -> Result<Run, String> {
     let app_port = harness::free_port();
     let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
@@ -70,30 +101,13 @@ async fn one(n: usize, variant: usize) -> Result<Run, String> {
     let act = Activator::start(&static_revision_yaml(qp.serving.port(), 0), &[]).await;
 
     // The request, on its own connection, parked in the activator.
-    let stream = TcpStream::connect(act.http)
-        .await
-        .map_err(|e| format!("connect to the activator: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = Request::get("/")
-        .header("host", "hello.local")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+    let (mut sender, req) = hello_request(act.http).await?;
     let sent = Instant::now();
     let response = tokio::spawn(async move {
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let at = Instant::now();
         let status = resp.status();
-        let header = resp
-            .headers()
-            .get("thaw-cold-start")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let header = cold_start_header(&resp);
         let _ = resp.into_body().collect().await;
         Ok::<_, String>((status, header, at))
     });
@@ -154,31 +168,14 @@ async fn local_one(n: usize) -> Result<(Duration, Option<String>), String> {
         app.display().to_string()
     );
     let act = Activator::start(&yaml, &[]).await;
-    let stream = TcpStream::connect(act.http)
-        .await
-        .map_err(|e| format!("connect to the activator: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = Request::get("/")
-        .header("host", "hello.local")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+    let (mut sender, req) = hello_request(act.http).await?;
     let sent = Instant::now();
     let resp = tokio::time::timeout(harness::EVENTUALLY, sender.send_request(req))
         .await
         .map_err(|_| "no response within 15 s".to_owned())?
         .map_err(|e| e.to_string())?;
     let took = sent.elapsed();
-    let header = resp
-        .headers()
-        .get("thaw-cold-start")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = cold_start_header(&resp);
     if resp.status() != http::StatusCode::OK {
         return Err(format!("local run {n}: status {}", resp.status()));
     }
