@@ -315,7 +315,7 @@ fn header(ctx: &Ctx, cmd: Cmd) -> String {
          - settings: {settings}\n\
          - test app: {}\n\
          - load generator: in-tree, raw HTTP/1.1 client (request bytes built once, responses parsed with httparse), one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
-         - queue-proxy and activator: their default runtimes (worker threads = CPUs available)\n\
+         - queue-proxy and activator: their default runtimes (the queue-proxy a single-threaded one, the activator one worker thread per CPU)\n\
          - nginx: {nginx}\n\
          - h2load (the h2c section's generator): {h2load}\n\
          - everything (generator, proxies, app) runs on this one machine over loopback and shares its cores\n",
