@@ -50,12 +50,17 @@ pub struct Watched<G> {
 }
 
 impl<G> Watched<G> {
-    /// The exchange is over: release what the request holds, and the watchdog.
-    fn finish(&mut self) {
-        self.done = true;
+    /// Releases what the request holds (the upstream body, the slot) and the watchdog.
+    fn release(&mut self) {
         self.body = None;
         self.guard = None;
         self.ender = None;
+    }
+
+    /// The exchange is over.
+    fn finish(&mut self) {
+        self.done = true;
+        self.release();
     }
 }
 
@@ -184,9 +189,7 @@ async fn watchdog<G>(
         }
         // Dropping the upstream body cancels the app's request; dropping the guard frees
         // the slot. The stream itself ends when hyper next polls it.
-        state.body = None;
-        state.guard = None;
-        state.ender = None;
+        state.release();
         state.timed_out = true;
         return;
     }
