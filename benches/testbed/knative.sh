@@ -258,7 +258,13 @@ done
 # --- apply ---------------------------------------------------------------------------
 say "installing Knative Serving $version with $images images"
 k apply --server-side --force-conflicts -f "$work/crds.yaml" >/dev/null
-k wait --for=condition=Established --timeout=60s -f "$work/crds.yaml" >/dev/null
+# `kubectl wait` fails at once ("<nil> is of the type <nil>") when it reads a CRD before
+# the API server has given it any condition, so it is retried until a deadline.
+deadline=$((SECONDS + 60))
+until out=$(k wait --for=condition=Established --timeout=60s -f "$work/crds.yaml" 2>&1); do
+  [ "$SECONDS" -lt "$deadline" ] || fail "Knative's CRDs were not established within 60 s: $out"
+  sleep 0.5
+done
 # Config maps pass Knative's validating webhook once it runs; on a first install it is
 # not there yet (its configuration has no rules until the webhook writes them).
 k apply --server-side --force-conflicts -f "$work/objects.yaml" >/dev/null

@@ -113,13 +113,18 @@ async fn knative_platform_follows_what_knative_publishes() {
     let crd = knative_module().join("config/core/300-resources/revision.yaml");
     let (ok, out) = tb.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
     assert!(ok, "{out}");
-    let (ok, out) = tb.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/revisions.serving.knative.dev",
-        "--timeout=60s",
-    ]);
-    assert!(ok, "{out}");
+    // Polled rather than `kubectl wait`: that fails at once ("<nil> is of the type <nil>")
+    // when it reads the CRD before the API server has given it any condition.
+    until("the Revision CRD is established", WITHIN, || async {
+        let (ok, out) = tb.kubectl(&[
+            "get",
+            "crd/revisions.serving.knative.dev",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
+        ]);
+        ok && out.trim() == "True"
+    })
+    .await;
     let ns = tb.namespace(&client, "kn-platform").await;
     let post = PostParams::default();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
