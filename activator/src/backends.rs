@@ -117,7 +117,7 @@ struct Inner {
     cold_start_logged: AtomicBool,
     /// Whether a pod must not answer for another revision (`RevisionSpec::verify_pod_identity`).
     verify_identity: AtomicBool,
-    throttler: Arc<Throttler>,
+    throttler: Throttler,
     schedule: ProbeSchedule,
 }
 
@@ -128,7 +128,7 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn new(throttler: Arc<Throttler>, schedule: ProbeSchedule) -> Self {
+    pub fn new(throttler: Throttler, schedule: ProbeSchedule) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pods: Mutex::new(HashMap::new()),
@@ -234,7 +234,7 @@ async fn probe_until_ready(inner: Weak<Inner>, addr: SocketAddr) {
     let Some(me) = inner.upgrade() else {
         return;
     };
-    let (throttler, schedule) = (Arc::clone(&me.throttler), me.schedule);
+    let (throttler, schedule) = (me.throttler.clone(), me.schedule);
     let verify = me.verify_identity.load(Ordering::Relaxed);
     drop(me);
     let mut waiters = throttler.subscribe_waiters();
@@ -321,12 +321,12 @@ mod tests {
         addr
     }
 
-    fn throttler() -> Arc<Throttler> {
-        Arc::new(Throttler::new(
+    fn throttler() -> Throttler {
+        Throttler::new(
             RevisionId::new("ns", "rev"),
             1,
             ThrottlerSettings::default(),
-        ))
+        )
     }
 
     #[tokio::test]
@@ -336,7 +336,7 @@ mod tests {
         let addr = fake_queue_proxy(Arc::clone(&ready), Arc::clone(&probes)).await;
         let t = throttler();
         let backends = Backends::new(
-            Arc::clone(&t),
+            t.clone(),
             ProbeSchedule {
                 idle: Duration::from_millis(20),
                 ..Default::default()
@@ -369,13 +369,13 @@ mod tests {
         let probes = Arc::new(AtomicUsize::new(0));
         let addr = fake_queue_proxy(Arc::new(AtomicBool::new(false)), Arc::clone(&probes)).await;
         let t = throttler();
-        let backends = Backends::new(Arc::clone(&t), ProbeSchedule::default());
+        let backends = Backends::new(t.clone(), ProbeSchedule::default());
         backends.set_pods(&[addr]);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = probes.load(Ordering::SeqCst);
         // Knative's pace: a few probes in half a second.
         assert!(idle <= 5, "{idle} probes while nothing waits");
-        let t2 = Arc::clone(&t);
+        let t2 = t.clone();
         let waiter = tokio::spawn(async move { t2.acquire(0).await.map(drop) });
         tokio::time::sleep(Duration::from_millis(500)).await;
         let eager = probes.load(Ordering::SeqCst) - idle;
@@ -440,7 +440,7 @@ mod tests {
 
         // Through the backends: the pod is probed but never handed to the throttler.
         let t = throttler();
-        let backends = Backends::new(Arc::clone(&t), ProbeSchedule::default());
+        let backends = Backends::new(t.clone(), ProbeSchedule::default());
         backends.verify_identity(true);
         backends.set_pods(&[other]);
         tokio::time::sleep(Duration::from_millis(300)).await;

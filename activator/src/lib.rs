@@ -31,7 +31,6 @@ use tokio::sync::watch;
 
 use crate::backends::ProbeSchedule;
 use crate::config::{Config, PlatformKind};
-use crate::metrics::Metrics;
 use crate::parking::Parking;
 use crate::platform::knative::{self, KnativeError};
 use crate::platform::kubernetes::{self, KubernetesError};
@@ -64,8 +63,6 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
     #[error("signals: {0}")]
     Signals(std::io::Error),
 }
@@ -114,21 +111,17 @@ pub fn build_state(
     platform: Arc<dyn Platform>,
     stats: Arc<RevisionStats>,
 ) -> Result<Arc<State>, RunError> {
-    let metrics = Metrics::new()?;
-    let registry = Arc::new(Registry::new(
-        RegistrySettings {
-            throttler: ThrottlerSettings {
-                max_waiting: config.max_waiting,
-                max_waiting_body_bytes: config.buffer_budget,
-            },
-            probes: ProbeSchedule {
-                eager: config.eager_probe_interval,
-                ..ProbeSchedule::default()
-            },
-            own_ip: config.pod_ip,
+    let registry = Arc::new(Registry::new(RegistrySettings {
+        throttler: ThrottlerSettings {
+            max_waiting: config.max_waiting,
+            max_waiting_body_bytes: config.buffer_budget,
         },
-        metrics.clone(),
-    ));
+        probes: ProbeSchedule {
+            eager: config.eager_probe_interval,
+            ..ProbeSchedule::default()
+        },
+        own_ip: config.pod_ip,
+    }));
     let reporter = config.autoscaler_url.as_ref().map(|url| {
         Reporter::spawn(
             ReporterSettings::new(url.clone(), config.pod_name.clone()),
@@ -150,7 +143,6 @@ pub fn build_state(
         upgrades: UpgradeTracker::default(),
         draining: std::sync::atomic::AtomicBool::new(false),
         cluster_domain: config.cluster_domain.clone(),
-        metrics,
         tracing: config.tracing().map_err(RunError::Tracing)?.is_on(),
     }))
 }

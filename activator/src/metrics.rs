@@ -1,105 +1,135 @@
-//! The activator's Prometheus metrics, per namespace and revision. Each revision resolves
-//! its label children once, so recording a request is a few atomic operations; gauges are
-//! sampled from the throttlers at scrape time.
+//! The activator's Prometheus metrics, per namespace and revision, in the text format.
 //!
-//! A revision's counters and histograms exist only once it has seen a request, as in
-//! Knative's activator, whose views record nothing for a revision without traffic: with
+//! Each revision records into one block of plain atomic counters that it owns
+//! ([`RevisionMetrics`]): a response is two relaxed adds and one release add on two cache
+//! lines (its class, the latency count and sum; its latency bucket). With thousands of
+//! revisions the per-request cost is cache misses, and prometheus' label children spread
+//! one revision's series over many allocations: under cachegrind they cost a request
+//! eight last-level misses at 10 000 revisions (`benches/scripts/count-revision-cost.sh`).
+//! The scrape writes the text itself ([`render`]), walking the revisions the registry
+//! holds, so a removed revision's series are gone with it and a request that ends after
+//! the removal cannot bring them back.
+//!
+//! A revision's counters and histograms are exported only once it has seen a request, as
+//! in Knative's activator, whose views record nothing for a revision without traffic: with
 //! them made up front, 10 000 mostly idle revisions exported 43 MB per scrape from every
-//! activator and held 55 MiB more for it. The gauges (waiting, in flight, ready pods,
-//! capacity) are a few lines per revision and stay for every revision, so that a
-//! dashboard sees the pods of a revision that had no request yet.
+//! activator. The gauges (waiting, in flight, ready pods, capacity) are a few lines per
+//! revision and are there for every revision, so that a dashboard sees the pods of a
+//! revision that had no request yet.
 
-use std::sync::{Arc, OnceLock};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
 
 use crate::revision::RevisionId;
 
+/// `response_code_class` label values, in the order they are exported.
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
-/// Latency buckets in milliseconds.
-const LATENCY_BUCKETS_MS: &[f64] = &[
-    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-    60000.0,
+/// Request latency bucket bounds in µs; exported in milliseconds (Knative's unit).
+const LATENCY_BOUNDS_US: [u64; 15] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000, 30_000_000, 60_000_000,
 ];
 
-/// Cold-start waits are longer: from a few ms (warm process) to minutes (image pulls). In
-/// seconds, Prometheus's base unit: this histogram is Thaw's own, so it follows the
-/// conventions, while the request latencies keep the milliseconds of Knative's names.
-const COLD_START_BUCKETS_SECONDS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+/// Cold-start waits are longer: from a few ms (warm process) to minutes (image pulls).
+/// Bounds in µs, exported in seconds, Prometheus's base unit: this histogram is Thaw's
+/// own, so it follows the conventions, while the request latencies keep the milliseconds
+/// of Knative's names.
+const COLD_START_BOUNDS_US: [u64; 14] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
 ];
 
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    registry: Registry,
-    requests: IntCounterVec,
-    latency: HistogramVec,
-    cold_start: HistogramVec,
-    rejected: IntCounterVec,
-    waiting: IntGaugeVec,
-    in_flight: IntGaugeVec,
-    ready_pods: IntGaugeVec,
-    capacity: IntGaugeVec,
-}
-
-/// One revision's metrics. Its label children are resolved at its first request, then
-/// kept: recording is an atomic load and a few atomic adds.
+/// One revision's metrics: shared by every version of its settings, dropped with it.
 #[derive(Debug, Clone)]
 pub struct RevisionMetrics {
-    inner: Arc<Lazy>,
+    inner: Arc<Series>,
 }
 
+/// One revision's counters. `repr(C)` keeps what every response touches (the class
+/// counters, the latency count and sum) in the first cache line.
 #[derive(Debug)]
-struct Lazy {
-    metrics: Metrics,
+#[repr(C, align(64))]
+struct Series {
+    by_class: [AtomicU64; 6],
+    latency: Histogram<15>,
+    rejected: AtomicU64,
+    cold_start: Histogram<14>,
     id: RevisionId,
-    children: OnceLock<Children>,
 }
 
-/// The label children of one revision.
+/// A histogram of durations: per-bucket (not cumulative) counts, then an overflow count
+/// implied by `count`.
 #[derive(Debug)]
-struct Children {
-    by_class: [prometheus::IntCounter; 6],
-    latency: prometheus::Histogram,
-    cold_start: prometheus::Histogram,
-    rejected: prometheus::IntCounter,
+#[repr(C)]
+struct Histogram<const N: usize> {
+    /// Observations, added last (`Release`), so that a scrape that reads it first
+    /// (`Acquire`) sees every bucket add it counts.
+    count: AtomicU64,
+    /// The sum of the observations in µs (`u64` µs overflow after 580 000 years).
+    sum_us: AtomicU64,
+    buckets: [AtomicU64; N],
 }
 
-impl Children {
-    fn registered(m: &Metrics, id: &RevisionId) -> Children {
-        let (ns, name) = (&*id.namespace, &*id.name);
-        Children {
-            by_class: CLASSES.map(|c| m.requests.with_label_values(&[ns, name, c])),
-            latency: m.latency.with_label_values(&[ns, name]),
-            cold_start: m.cold_start.with_label_values(&[ns, name]),
-            rejected: m.rejected.with_label_values(&[ns, name]),
+impl<const N: usize> Histogram<N> {
+    fn new() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
-    /// Children no registry knows: what a request finishing after its revision was
-    /// removed records into, so that it cannot bring the series back.
-    fn detached() -> Option<Children> {
-        let counter = prometheus::IntCounter::new("detached", "detached").ok()?;
-        let histogram =
-            || prometheus::Histogram::with_opts(HistogramOpts::new("detached", "detached")).ok();
-        Some(Children {
-            by_class: std::array::from_fn(|_| counter.clone()),
-            latency: histogram()?,
-            cold_start: histogram()?,
-            rejected: counter,
-        })
+    fn observe(&self, bounds_us: &[u64; N], value: Duration) {
+        // Compared in ns, so that a value a fraction of a µs above a bound is above it.
+        let ns = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(i) = bounds_us.iter().position(|&b| ns <= b.saturating_mul(1000)) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(ns / 1000, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Release);
+    }
+
+    /// Cumulative bucket counts, each at most `count`, with `count` and the sum in µs.
+    /// Read while requests record, a bucket may already hold an observation `count` does
+    /// not yet show; capping keeps the buckets rising and within `+Inf`, as Prometheus
+    /// requires, and the next scrape counts it.
+    fn snapshot(&self) -> ([u64; N], u64, u64) {
+        let count = self.count.load(Ordering::Acquire);
+        let mut cumulative = 0u64;
+        let buckets = std::array::from_fn(|i| {
+            cumulative = cumulative.saturating_add(self.buckets[i].load(Ordering::Relaxed));
+            cumulative.min(count)
+        });
+        (buckets, count, self.sum_us.load(Ordering::Relaxed))
     }
 }
 
 impl RevisionMetrics {
-    fn children(&self) -> &Children {
-        self.inner
-            .children
-            .get_or_init(|| Children::registered(&self.inner.metrics, &self.inner.id))
+    pub fn new(id: &RevisionId) -> Self {
+        Self {
+            inner: Arc::new(Series {
+                by_class: std::array::from_fn(|_| AtomicU64::new(0)),
+                latency: Histogram::new(),
+                rejected: AtomicU64::new(0),
+                cold_start: Histogram::new(),
+                id: id.clone(),
+            }),
+        }
     }
 
     pub fn response(&self, status: http::StatusCode, elapsed: Duration) {
@@ -109,17 +139,25 @@ impl RevisionMetrics {
         } else {
             5
         };
-        let c = self.children();
-        c.by_class[index].inc();
-        c.latency.observe(elapsed.as_secs_f64() * 1000.0);
+        let s = &self.inner;
+        s.by_class[index].fetch_add(1, Ordering::Relaxed);
+        s.latency.observe(&LATENCY_BOUNDS_US, elapsed);
     }
 
     pub fn cold_start(&self, waited: Duration) {
-        self.children().cold_start.observe(waited.as_secs_f64());
+        self.inner.cold_start.observe(&COLD_START_BOUNDS_US, waited);
     }
 
     pub fn rejected(&self) {
-        self.children().rejected.inc();
+        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the revision has seen a request, so that its series are exported.
+    fn seen(&self) -> bool {
+        let s = &self.inner;
+        s.latency.count.load(Ordering::Relaxed) > 0
+            || s.rejected.load(Ordering::Relaxed) > 0
+            || s.cold_start.count.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -133,157 +171,186 @@ pub struct RevisionGauges {
     pub capacity: Option<usize>,
 }
 
-impl Metrics {
-    pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let labels = ["namespace_name", "revision_name"];
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "activator_request_count",
-                "Requests answered, by response code class",
-            ),
-            &["namespace_name", "revision_name", "response_code_class"],
-        )?;
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
-                "activator_request_latencies",
-                "Time from arrival to the end of the response, in milliseconds",
-            )
-            .buckets(LATENCY_BUCKETS_MS.to_vec()),
-            &labels,
-        )?;
-        let cold_start = HistogramVec::new(
-            HistogramOpts::new(
-                "activator_cold_start_wait_seconds",
-                "Time a request waited for the revision's first ready pod, in seconds",
-            )
-            .buckets(COLD_START_BUCKETS_SECONDS.to_vec()),
-            &labels,
-        )?;
-        let rejected = IntCounterVec::new(
-            Opts::new(
-                "activator_throttler_rejected_total",
-                "Requests refused with 503 because the revision's wait queue or byte budget was full",
-            ),
-            &labels,
-        )?;
-        let waiting = IntGaugeVec::new(
-            Opts::new(
-                "activator_requests_waiting",
-                "Requests waiting for a pod with a free slot",
-            ),
-            &labels,
-        )?;
-        let in_flight = IntGaugeVec::new(
-            Opts::new(
-                "activator_requests_in_flight",
-                "Requests sent to a pod and not finished",
-            ),
-            &labels,
-        )?;
-        let ready_pods = IntGaugeVec::new(
-            Opts::new(
-                "activator_ready_pods",
-                "Pods that passed the activator's probe",
-            ),
-            &labels,
-        )?;
-        let capacity = IntGaugeVec::new(
-            Opts::new(
-                "activator_capacity",
-                "Requests this activator may send the revision's pods at once: its subset of \
-                 the pods times its share of their container concurrency (absent for CC = 0)",
-            ),
-            &labels,
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(capacity.clone()))?;
-        registry.register(Box::new(latency.clone()))?;
-        registry.register(Box::new(cold_start.clone()))?;
-        registry.register(Box::new(rejected.clone()))?;
-        registry.register(Box::new(waiting.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
-        registry.register(Box::new(ready_pods.clone()))?;
-        Ok(Self {
-            registry,
-            requests,
-            latency,
-            cold_start,
-            rejected,
-            waiting,
-            in_flight,
-            ready_pods,
-            capacity,
-        })
+/// One scrape: its revisions, sorted so the output is stable between scrapes, and the text.
+struct Scrape<'a> {
+    revisions: Vec<(&'a RevisionMetrics, RevisionGauges)>,
+    out: String,
+}
+
+/// Text exposition of the given revisions (the registry's, at scrape time). Families in
+/// name order, each with its `HELP` and `TYPE` once and only when it has a sample; in a
+/// family, revisions by namespace and name.
+pub fn render<'a>(
+    revisions: impl Iterator<Item = (&'a RevisionMetrics, RevisionGauges)>,
+) -> Vec<u8> {
+    let mut revisions: Vec<_> = revisions.collect();
+    revisions.sort_unstable_by(|a, b| a.0.inner.id.cmp(&b.0.inner.id));
+    let mut scrape = Scrape {
+        out: String::with_capacity(256 * revisions.len() + 1024),
+        revisions,
+    };
+    scrape.gauge(
+        "activator_capacity",
+        "Requests this activator may send the revision's pods at once: its subset of the pods \
+         times its share of their container concurrency (absent for CC = 0)",
+        |g| g.capacity,
+    );
+    scrape.histogram(
+        "activator_cold_start_wait_seconds",
+        "Time a request waited for the revision's first ready pod, in seconds",
+        |s| &s.cold_start,
+        &COLD_START_BOUNDS_US,
+        1_000_000.0,
+    );
+    scrape.gauge(
+        "activator_ready_pods",
+        "Pods that passed the activator's probe",
+        |g| Some(g.ready_pods),
+    );
+    scrape.request_count();
+    scrape.histogram(
+        "activator_request_latencies",
+        "Time from arrival to the end of the response, in milliseconds",
+        |s| &s.latency,
+        &LATENCY_BOUNDS_US,
+        1_000.0,
+    );
+    scrape.gauge(
+        "activator_requests_in_flight",
+        "Requests sent to a pod and not finished",
+        |g| Some(g.in_flight),
+    );
+    scrape.gauge(
+        "activator_requests_waiting",
+        "Requests waiting for a pod with a free slot",
+        |g| Some(g.waiting),
+    );
+    scrape.counter(
+        "activator_throttler_rejected_total",
+        "Requests refused with 503 because the revision's wait queue or byte budget was full",
+        |s| s.rejected.load(Ordering::Relaxed),
+    );
+    scrape.out.into_bytes()
+}
+
+impl Scrape<'_> {
+    /// A family's `HELP` and `TYPE`, written before its first sample.
+    fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    /// A revision's metrics; no series exist until it sees a request.
-    pub fn revision(&self, id: &RevisionId) -> RevisionMetrics {
-        RevisionMetrics {
-            inner: Arc::new(Lazy {
-                metrics: self.clone(),
-                id: id.clone(),
-                children: OnceLock::new(),
-            }),
+    /// `name{namespace_name="…",revision_name="…"` without the closing brace.
+    fn open(out: &mut String, name: &str, suffix: &str, id: &RevisionId) {
+        out.push_str(name);
+        out.push_str(suffix);
+        out.push_str("{namespace_name=\"");
+        escape_into(out, &id.namespace);
+        out.push_str("\",revision_name=\"");
+        escape_into(out, &id.name);
+        out.push('"');
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: impl Fn(&RevisionGauges) -> Option<usize>) {
+        let mut wrote_header = false;
+        for (m, g) in &self.revisions {
+            let Some(v) = value(g) else { continue };
+            if !wrote_header {
+                wrote_header = true;
+                Self::header(&mut self.out, name, help, "gauge");
+            }
+            Self::open(&mut self.out, name, "", &m.inner.id);
+            let _ = writeln!(self.out, "}} {v}");
         }
     }
 
-    /// Forgets a removed revision's series. From here on its requests record into
-    /// detached children.
-    pub fn remove_revision(&self, revision: &RevisionMetrics) {
-        // Static names and help always pass prometheus' checks.
-        if let Some(detached) = Children::detached() {
-            let _ = revision.inner.children.set(detached);
-        }
-        let id = &revision.inner.id;
-        let (ns, name) = (&*id.namespace, &*id.name);
-        for c in CLASSES {
-            let _ = self.requests.remove_label_values(&[ns, name, c]);
-        }
-        for vec in [&self.latency, &self.cold_start] {
-            let _ = vec.remove_label_values(&[ns, name]);
-        }
-        let _ = self.rejected.remove_label_values(&[ns, name]);
-        for g in [
-            &self.waiting,
-            &self.in_flight,
-            &self.ready_pods,
-            &self.capacity,
-        ] {
-            let _ = g.remove_label_values(&[ns, name]);
+    fn counter(&mut self, name: &str, help: &str, value: impl Fn(&Series) -> u64) {
+        let mut wrote_header = false;
+        for (m, _) in &self.revisions {
+            if !m.seen() {
+                continue;
+            }
+            if !wrote_header {
+                wrote_header = true;
+                Self::header(&mut self.out, name, help, "counter");
+            }
+            Self::open(&mut self.out, name, "", &m.inner.id);
+            let _ = writeln!(self.out, "}} {}", value(&m.inner));
         }
     }
 
-    /// Text exposition, after sampling every revision's gauges.
-    pub fn render<'a>(
-        &self,
-        revisions: impl Iterator<Item = (&'a RevisionMetrics, RevisionGauges)>,
-    ) -> Vec<u8> {
-        for (m, g) in revisions {
+    /// `activator_request_count`: its class label sorts between the namespace and the
+    /// revision, where prometheus' encoder put it.
+    fn request_count(&mut self) {
+        const NAME: &str = "activator_request_count";
+        let mut wrote_header = false;
+        for (m, _) in &self.revisions {
+            if !m.seen() {
+                continue;
+            }
+            if !wrote_header {
+                wrote_header = true;
+                let help = "Requests answered, by response code class";
+                Self::header(&mut self.out, NAME, help, "counter");
+            }
             let id = &m.inner.id;
-            let labels = [&*id.namespace, &*id.name];
-            let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-            self.waiting
-                .with_label_values(&labels)
-                .set(as_i64(g.waiting));
-            self.in_flight
-                .with_label_values(&labels)
-                .set(as_i64(g.in_flight));
-            self.ready_pods
-                .with_label_values(&labels)
-                .set(as_i64(g.ready_pods));
-            match g.capacity {
-                Some(c) => self.capacity.with_label_values(&labels).set(as_i64(c)),
-                None => {
-                    let _ = self.capacity.remove_label_values(&labels);
-                }
+            for (class, n) in CLASSES.iter().zip(&m.inner.by_class) {
+                self.out.push_str(NAME);
+                self.out.push_str("{namespace_name=\"");
+                escape_into(&mut self.out, &id.namespace);
+                let _ = write!(
+                    self.out,
+                    "\",response_code_class=\"{class}\",revision_name=\""
+                );
+                escape_into(&mut self.out, &id.name);
+                let _ = writeln!(self.out, "\"}} {}", n.load(Ordering::Relaxed));
             }
         }
-        let mut buf = Vec::with_capacity(8192);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            tracing::warn!(error = %e, "encoding metrics");
+    }
+
+    /// A histogram family; `per_unit` converts the µs of the bounds and the sum into the
+    /// exported unit.
+    fn histogram<const N: usize>(
+        &mut self,
+        name: &str,
+        help: &str,
+        which: impl Fn(&Series) -> &Histogram<N>,
+        bounds_us: &[u64; N],
+        per_unit: f64,
+    ) {
+        let mut wrote_header = false;
+        for (m, _) in &self.revisions {
+            if !m.seen() {
+                continue;
+            }
+            if !wrote_header {
+                wrote_header = true;
+                Self::header(&mut self.out, name, help, "histogram");
+            }
+            let (buckets, count, sum_us) = which(&m.inner).snapshot();
+            let id = &m.inner.id;
+            for (bound, n) in bounds_us.iter().zip(buckets) {
+                Self::open(&mut self.out, name, "_bucket", id);
+                let _ = writeln!(self.out, ",le=\"{}\"}} {n}", *bound as f64 / per_unit);
+            }
+            Self::open(&mut self.out, name, "_bucket", id);
+            let _ = writeln!(self.out, ",le=\"+Inf\"}} {count}");
+            Self::open(&mut self.out, name, "_sum", id);
+            let _ = writeln!(self.out, "}} {}", sum_us as f64 / per_unit);
+            Self::open(&mut self.out, name, "_count", id);
+            let _ = writeln!(self.out, "}} {count}");
         }
-        buf
+    }
+}
+
+/// A label value as the text format wants it: `\`, `"` and newlines escaped.
+fn escape_into(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -300,17 +367,16 @@ mod tests {
         }
     }
 
-    fn text(m: &Metrics, revisions: &[(&RevisionMetrics, usize)]) -> String {
-        let body = m.render(revisions.iter().map(|(r, ready)| (*r, gauges(*ready))));
+    fn text(revisions: &[(&RevisionMetrics, usize)]) -> String {
+        let body = render(revisions.iter().map(|(r, ready)| (*r, gauges(*ready))));
         String::from_utf8(body).unwrap()
     }
 
     #[test]
     fn an_idle_revision_has_only_its_gauges_until_its_first_request() {
-        let m = Metrics::new().unwrap();
-        let idle = m.revision(&RevisionId::new("ns", "idle"));
-        let busy = m.revision(&RevisionId::new("ns", "busy"));
-        let t = text(&m, &[(&idle, 2), (&busy, 0)]);
+        let idle = RevisionMetrics::new(&RevisionId::new("ns", "idle"));
+        let busy = RevisionMetrics::new(&RevisionId::new("ns", "busy"));
+        let t = text(&[(&idle, 2), (&busy, 0)]);
         assert!(
             t.contains(r#"activator_ready_pods{namespace_name="ns",revision_name="idle"} 2"#),
             "{t}"
@@ -320,7 +386,7 @@ mod tests {
         assert!(!t.contains("activator_cold_start_wait_seconds"), "{t}");
 
         busy.response(http::StatusCode::OK, Duration::from_millis(3));
-        let t = text(&m, &[(&idle, 2), (&busy, 0)]);
+        let t = text(&[(&idle, 2), (&busy, 0)]);
         assert!(t.contains(r#"activator_request_count{namespace_name="ns",response_code_class="2xx",revision_name="busy"} 1"#), "{t}");
         assert!(
             t.contains(
@@ -328,22 +394,80 @@ mod tests {
             ),
             "{t}"
         );
-        assert!(!t.contains(r#"activator_request_count{namespace_name="ns",response_code_class="2xx",revision_name="idle""#), "{t}");
+        assert!(!t.contains(r#"revision_name="idle",le="#), "{t}");
+        assert!(
+            !t.contains(r#"response_code_class="2xx",revision_name="idle""#),
+            "{t}"
+        );
+    }
+
+    /// The whole exposition of one revision, line for line as prometheus' text encoder
+    /// wrote it before this module wrote its own (the names, label order, bucket bounds
+    /// and number formats dashboards and Knative's tooling read).
+    #[test]
+    fn the_text_is_what_prometheus_wrote() {
+        let r = RevisionMetrics::new(&RevisionId::new("default", "hello-00001"));
+        r.response(http::StatusCode::OK, Duration::from_micros(1_500));
+        r.response(http::StatusCode::OK, Duration::from_millis(1));
+        r.response(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(90),
+        );
+        r.rejected();
+        r.cold_start(Duration::from_millis(7));
+        let body = render(std::iter::once((
+            &r,
+            RevisionGauges {
+                waiting: 3,
+                in_flight: 1,
+                ready_pods: 2,
+                capacity: Some(20),
+            },
+        )));
+        let got = String::from_utf8(body).unwrap();
+        let want = include_str!("../tests/data/metrics-one-revision.txt");
+        assert_eq!(got, want);
     }
 
     #[test]
-    fn a_request_ending_after_its_revision_was_removed_brings_no_series_back() {
-        let m = Metrics::new().unwrap();
-        let gone = m.revision(&RevisionId::new("ns", "gone"));
-        gone.response(http::StatusCode::OK, Duration::from_millis(1));
-        m.remove_revision(&gone);
-        gone.response(http::StatusCode::OK, Duration::from_millis(1));
-        gone.rejected();
-        let never = m.revision(&RevisionId::new("ns", "never"));
-        m.remove_revision(&never);
-        never.response(http::StatusCode::OK, Duration::from_millis(1));
-        let t = text(&m, &[]);
-        assert!(!t.contains("revision_name"), "{t}");
-        assert!(t.is_empty(), "{t}");
+    fn a_scrape_names_only_the_revisions_it_is_given_sorted() {
+        let b = RevisionMetrics::new(&RevisionId::new("ns", "b"));
+        let a = RevisionMetrics::new(&RevisionId::new("ns", "a"));
+        let gone = RevisionMetrics::new(&RevisionId::new("ns", "gone"));
+        for r in [&a, &b, &gone] {
+            r.response(http::StatusCode::OK, Duration::from_millis(1));
+        }
+        let t = text(&[(&b, 1), (&a, 1)]);
+        assert!(
+            !t.contains("gone"),
+            "a removed revision is not scraped: {t}"
+        );
+        let a_at = t.find(r#"revision_name="a""#).unwrap();
+        let b_at = t.find(r#"revision_name="b""#).unwrap();
+        assert!(a_at < b_at, "{t}");
+        assert_eq!(text(&[]), "", "no revisions, no families");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let odd = RevisionMetrics::new(&RevisionId::new("n\"s", "a\\b\nc"));
+        let t = text(&[(&odd, 1)]);
+        assert!(
+            t.contains(r#"activator_ready_pods{namespace_name="n\"s",revision_name="a\\b\nc"} 1"#),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn buckets_are_cumulative_and_bounds_inclusive() {
+        let h = Histogram::<3>::new();
+        let bounds = [1_000, 2_000, 3_000];
+        h.observe(&bounds, Duration::from_micros(1_000));
+        h.observe(&bounds, Duration::from_nanos(1_000_001));
+        h.observe(&bounds, Duration::from_micros(2_500));
+        h.observe(&bounds, Duration::from_secs(u64::MAX));
+        let (buckets, count, _) = h.snapshot();
+        assert_eq!(buckets, [1, 2, 3]);
+        assert_eq!(count, 4);
     }
 }

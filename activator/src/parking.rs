@@ -103,7 +103,7 @@ impl BeforeHyper for Parking {
             state.platform.need_capacity(&revision.spec.id);
         }
         let started = Instant::now();
-        let in_flight = state.stats.arrive(&revision.spec.id);
+        let in_flight = state.stats.arrive(&revision.spec.id, &revision.load);
         // What was read, in an allocation of its own size: the read buffer grew by
         // doubling. The socket is read on only to see the client leave, up to what the
         // byte budget counts for this request's body and a little more.

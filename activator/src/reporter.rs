@@ -4,9 +4,9 @@
 //! Two halves:
 //!
 //! * [`RevisionStats`] is the collector the request path calls: [`RevisionStats::arrive`]
-//!   is a dashmap read plus the recorder's short lock when the revision is already known
-//!   (no allocation), and only the first request of an idle revision creates an entry and
-//!   queues a **poke**.
+//!   takes only the short lock of the revision's own recorder (kept in its
+//!   [`Revision`](crate::revision::Revision)) when the revision has load, and only the
+//!   first request of an idle revision enters the map and queues a **poke**.
 //! * [`Reporter`] is the websocket client task: every period it cuts the windows
 //!   ([`RevisionStats::tick`]) and sends one binary `WireStatMessages`; pokes are sent the
 //!   moment they are queued (the collector wakes the task through a [`Notify`]); it pings,
@@ -92,32 +92,47 @@ impl RevisionStats {
         }
     }
 
-    /// Counts a request for `rev` as arrived; it stays in flight until the returned guard
-    /// drops. If `rev` had no entry, this is the first request of an idle revision: the
-    /// entry is created and a poke is queued (and the reporter woken) at once.
-    pub fn arrive(&self, rev: &RevisionId) -> InFlight {
-        // Fast path. The shard's read guard is held while the arrival is counted, so a
-        // concurrent tick cannot drop the entry between the lookup and the count (the
-        // tick decides under the shard's write lock).
-        if let Some(entry) = self.entries.get(rev) {
-            return entry.recorder.arrive(false);
+    /// Counts a request for `rev` as arrived on the revision's own `recorder`; it stays
+    /// in flight until the returned guard drops. The request path touches only that
+    /// recorder, not this map: with thousands of revisions a map lookup (hashing both
+    /// names, the shard lock, the key compare) is several cache misses. Only the first
+    /// request of an idle revision enters it here and queues a poke (and wakes the
+    /// reporter).
+    pub fn arrive(&self, rev: &RevisionId, recorder: &Arc<ConcurrencyRecorder>) -> InFlight {
+        let (guard, untracked) = recorder.arrive_tracked();
+        if untracked {
+            self.track(rev, recorder);
         }
+        guard
+    }
+
+    /// Enters a recorder that has just counted the first arrival of an idle revision.
+    fn track(&self, rev: &RevisionId, recorder: &Arc<ConcurrencyRecorder>) {
+        // Each poke is queued while the entry's guard still holds its shard lock: a
+        // tick that sees `poked` also finds the poke queued (see the module docs).
         match self.entries.entry(rev.clone()) {
-            MapEntry::Occupied(entry) => entry.get().recorder.arrive(false),
             MapEntry::Vacant(vacant) => {
                 let entry = vacant.insert(Entry {
-                    recorder: Arc::new(ConcurrencyRecorder::new()),
+                    recorder: Arc::clone(recorder),
                     poked: true,
                 });
-                let guard = entry.recorder.arrive(false);
-                // Queued under the shard lock: a tick that sees `poked` also finds the
-                // poke queued (see the module docs).
                 self.lock_pokes().push(rev.clone());
                 drop(entry);
-                self.poke_ready.notify_one();
-                guard
+            }
+            // A revision removed and added again under its name while the old one's
+            // entry waited for its idle tick: the new recorder takes its place, and the
+            // autoscaler gets one poke for both.
+            MapEntry::Occupied(mut occupied) => {
+                let entry = occupied.get_mut();
+                entry.recorder = Arc::clone(recorder);
+                if std::mem::replace(&mut entry.poked, true) {
+                    return;
+                }
+                self.lock_pokes().push(rev.clone());
+                drop(occupied);
             }
         }
+        self.poke_ready.notify_one();
     }
 
     /// Requests for `rev` in flight right now.
@@ -142,12 +157,11 @@ impl RevisionStats {
         let mut cut = Vec::with_capacity(self.entries.len());
         // `retain` holds each shard's write lock while deciding, so no arrival can slip
         // in between reading the figures and dropping the entry.
+        // An idle recorder is retired under its own lock as it is cut, so an arrival
+        // racing this tick is either in the window or re-enters the map itself.
         self.entries.retain(|rev, entry| {
-            let report = entry.recorder.report_at(now);
+            let (report, idle) = entry.recorder.report_or_retire_at(now);
             let poked = std::mem::take(&mut entry.poked);
-            let idle = report.average_concurrency == 0.0
-                && report.request_count == 0
-                && entry.recorder.in_flight() == 0;
             cut.push((rev.clone(), report, poked));
             !idle
         });
@@ -665,8 +679,9 @@ mod tests {
     async fn tick_subtracts_the_poke_then_reports_then_drops_idle_entries() {
         let stats = RevisionStats::new();
         let rev = RevisionId::new("default", "hello-00001");
+        let rev_load = Arc::new(ConcurrencyRecorder::untracked());
 
-        let held = stats.arrive(&rev);
+        let held = stats.arrive(&rev, &rev_load);
         assert_eq!(stats.in_flight(&rev), 1);
         let pokes = stats.take_pokes("act");
         assert_eq!(pokes.len(), 1);
@@ -692,7 +707,7 @@ mod tests {
         assert_eq!(figures(&b, &rev), (1.0, 0.0));
 
         // A request on a known revision does not poke.
-        let short = stats.arrive(&rev);
+        let short = stats.arrive(&rev, &rev_load);
         assert!(stats.take_pokes("act").is_empty());
         time::advance(Duration::from_millis(250)).await;
         drop(short);
@@ -718,7 +733,7 @@ mod tests {
         );
 
         // The next request is again the first of an idle revision.
-        let _again = stats.arrive(&rev);
+        let _again = stats.arrive(&rev, &rev_load);
         assert_eq!(stats.take_pokes("act").len(), 1);
     }
 
@@ -726,10 +741,11 @@ mod tests {
     async fn poke_subtraction_floors_at_zero_and_counts_stay_exact() {
         let stats = RevisionStats::new();
         let rev = RevisionId::new("ns", "r");
+        let rev_load = Arc::new(ConcurrencyRecorder::untracked());
         // A quarter-second request: 0.25 - 1 floors at 0; three arrivals minus one.
-        let a = stats.arrive(&rev);
-        drop(stats.arrive(&rev));
-        drop(stats.arrive(&rev));
+        let a = stats.arrive(&rev, &rev_load);
+        drop(stats.arrive(&rev, &rev_load));
+        drop(stats.arrive(&rev, &rev_load));
         time::advance(Duration::from_millis(250)).await;
         drop(a);
         time::advance(Duration::from_millis(750)).await;
@@ -746,11 +762,12 @@ mod tests {
     async fn arrivals_in_an_otherwise_idle_window_keep_the_entry() {
         let stats = RevisionStats::new();
         let rev = RevisionId::new("ns", "r");
-        drop(stats.arrive(&rev));
+        let rev_load = Arc::new(ConcurrencyRecorder::untracked());
+        drop(stats.arrive(&rev, &rev_load));
         time::advance(Duration::from_secs(1)).await;
         stats.tick("p", Instant::now());
         // A zero-length request: average 0 but one arrival, so not a zero tick.
-        drop(stats.arrive(&rev));
+        drop(stats.arrive(&rev, &rev_load));
         time::advance(Duration::from_secs(1)).await;
         let b = stats.tick("p", Instant::now());
         assert_eq!(figures(&b, &rev), (0.0, 1.0));
@@ -763,9 +780,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_revision_added_again_under_its_name_is_reported_from_its_new_recorder() {
+        let stats = RevisionStats::new();
+        let rev = RevisionId::new("ns", "r");
+        let old_load = Arc::new(ConcurrencyRecorder::untracked());
+        drop(stats.arrive(&rev, &old_load));
+        assert_eq!(stats.take_pokes("p").len(), 1);
+        time::advance(Duration::from_secs(1)).await;
+        stats.tick("p", Instant::now());
+
+        // Removed and added again before the old entry's idle tick: a new recorder.
+        let new_load = Arc::new(ConcurrencyRecorder::untracked());
+        let held = stats.arrive(&rev, &new_load);
+        assert_eq!(stats.take_pokes("p").len(), 1, "the new revision pokes");
+        assert_eq!(stats.in_flight(&rev), 1, "the map follows the new recorder");
+        let also = stats.arrive(&rev, &new_load);
+        assert!(stats.take_pokes("p").is_empty(), "once");
+        time::advance(Duration::from_secs(1)).await;
+        let b = stats.tick("p", Instant::now());
+        // Two in flight for the whole window, two arrivals, minus the poke.
+        assert_eq!(figures(&b, &rev), (1.0, 1.0));
+        assert_eq!(stats.tracked(), 1);
+        drop((held, also));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn poke_is_byte_exact() {
         let stats = RevisionStats::new();
-        let _g = stats.arrive(&RevisionId::new("default", "hello-00001"));
+        let _g = stats.arrive(
+            &RevisionId::new("default", "hello-00001"),
+            &Arc::new(ConcurrencyRecorder::untracked()),
+        );
         let pokes = stats.take_pokes("activator-7d9c");
         assert_eq!(pokes.len(), 1);
         assert_eq!(pokes[0].encode_to_vec(), vector("wire-poke"));
@@ -775,19 +820,21 @@ mod tests {
     async fn tick_batch_is_byte_exact() {
         let stats = RevisionStats::new();
         let hello = RevisionId::new("default", "hello-00001");
+        let hello_load = Arc::new(ConcurrencyRecorder::untracked());
         let api = RevisionId::new("team-a", "api-00042");
+        let api_load = Arc::new(ConcurrencyRecorder::untracked());
 
         // team-a: one zero-length request, so its first tick is {0, 1} - poke = {0, 0}.
-        drop(stats.arrive(&api));
+        drop(stats.arrive(&api, &api_load));
         time::advance(Duration::from_secs(1)).await;
         stats.tick("activator-7d9c", Instant::now());
 
         // hello: 4 in flight for 0.75 s then 3 for 0.25 s (3.75), and 12 arrivals; minus
         // the poke → {2.75, 11}. team-a: a full zero tick → {0, 0}.
-        let mut held: Vec<_> = (0..4).map(|_| stats.arrive(&hello)).collect();
+        let mut held: Vec<_> = (0..4).map(|_| stats.arrive(&hello, &hello_load)).collect();
         time::advance(Duration::from_millis(500)).await;
         for _ in 0..8 {
-            drop(stats.arrive(&hello));
+            drop(stats.arrive(&hello, &hello_load));
         }
         time::advance(Duration::from_millis(250)).await;
         drop(held.pop());
@@ -968,8 +1015,9 @@ mod tests {
         }
 
         let rev = RevisionId::new("default", "hello-00001");
+        let rev_load = Arc::new(ConcurrencyRecorder::untracked());
         let arrived = Instant::now();
-        let held = stats.arrive(&rev);
+        let held = stats.arrive(&rev, &rev_load);
         let poke = loop {
             match next_event(&mut events, Duration::from_secs(1)).await {
                 Some(Event::Binary(m, at)) => break (m, at),
@@ -1122,7 +1170,8 @@ mod tests {
             .expect("reporter connects");
         assert!(wait_connected(&reporter, true, Duration::from_secs(1)).await);
         let rev = RevisionId::new("ns", "busy");
-        let _held = stats.arrive(&rev);
+        let rev_load = Arc::new(ConcurrencyRecorder::untracked());
+        let _held = stats.arrive(&rev, &rev_load);
 
         // The server goes away: listener and connection dropped without a close frame.
         server.abort();
@@ -1237,7 +1286,8 @@ mod tests {
         let reporter = Reporter::spawn_following(test_settings(addr), rx, Arc::clone(&stats));
         // Load and pokes while there is no target are cut and dropped, not queued.
         let rev = RevisionId::new("ns", "r");
-        let _held = stats.arrive(&rev);
+        let rev_load = Arc::new(ConcurrencyRecorder::untracked());
+        let _held = stats.arrive(&rev, &rev_load);
         assert_eq!(
             attempts_within(&listener, Duration::from_millis(600)).await,
             0
@@ -1275,7 +1325,8 @@ mod tests {
         assert!(wait_connected(&reporter, true, Duration::from_secs(1)).await);
         assert!(!reporter.blocks_readiness());
         let rev = RevisionId::new("ns", "busy");
-        let _held = stats.arrive(&rev);
+        let rev_load = Arc::new(ConcurrencyRecorder::untracked());
+        let _held = stats.arrive(&rev, &rev_load);
 
         // The leader moves to B: A's connection ends, B gets one at once, with stats.
         let moved = Instant::now();

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use http::{HeaderMap, HeaderValue, Uri};
 use thaw_shared::headers::{KNATIVE_SERVING_NAMESPACE, KNATIVE_SERVING_REVISION};
+use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::Timeouts;
 
 use crate::backends::{Backends, ProbeSchedule};
-use crate::metrics::{Metrics, RevisionMetrics};
+use crate::metrics::RevisionMetrics;
 use crate::platform::PlatformUpdate;
 use crate::throttler::{Throttler, ThrottlerSettings};
 
@@ -59,9 +60,12 @@ pub struct RevisionSpec {
 /// changes replace this value; the throttler and backends carry over.
 pub struct Revision {
     pub spec: RevisionSpec,
-    pub throttler: Arc<Throttler>,
+    pub throttler: Throttler,
     pub backends: Backends,
     pub metrics: RevisionMetrics,
+    /// Its load through this activator, for the autoscaler
+    /// ([`RevisionStats`](crate::reporter::RevisionStats)).
+    pub load: Arc<ConcurrencyRecorder>,
 }
 
 #[derive(Default)]
@@ -91,7 +95,6 @@ pub struct Registry {
     /// Held while a batch is applied: one writer at a time, so no batch is lost.
     writer: Mutex<()>,
     settings: RegistrySettings,
-    metrics: Metrics,
     activators: Mutex<Vec<IpAddr>>,
 }
 
@@ -127,12 +130,11 @@ fn draft_of<'a>(draft: &'a mut Option<Snapshot>, current: &Snapshot) -> &'a mut 
 }
 
 impl Registry {
-    pub fn new(settings: RegistrySettings, metrics: Metrics) -> Self {
+    pub fn new(settings: RegistrySettings) -> Self {
         Self {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             writer: Mutex::new(()),
             settings,
-            metrics,
             activators: Mutex::new(Vec::new()),
         }
     }
@@ -247,7 +249,6 @@ impl Registry {
         for r in removed {
             r.backends.shutdown();
             r.throttler.close();
-            self.metrics.remove_revision(&r.metrics);
             tracing::info!(revision = %r.spec.id, "revision removed");
         }
     }
@@ -295,16 +296,17 @@ impl Registry {
             old.backends.verify_identity(spec.verify_pod_identity);
             return Revision {
                 spec,
-                throttler: Arc::clone(&old.throttler),
+                throttler: old.throttler.clone(),
                 backends: old.backends.clone(),
                 metrics: old.metrics.clone(),
+                load: Arc::clone(&old.load),
             };
         }
-        let throttler = Arc::new(Throttler::new(
+        let throttler = Throttler::new(
             spec.id.clone(),
             spec.container_concurrency,
             self.settings.throttler,
-        ));
+        );
         let activators = self
             .activators
             .lock()
@@ -314,11 +316,12 @@ impl Registry {
             throttler.update_activators(activators, self.settings.own_ip);
         }
         tracing::info!(revision = %spec.id, cc = spec.container_concurrency, "revision added");
-        let backends = Backends::new(Arc::clone(&throttler), self.settings.probes);
+        let backends = Backends::new(throttler.clone(), self.settings.probes);
         backends.verify_identity(spec.verify_pod_identity);
         Revision {
             backends,
-            metrics: self.metrics.revision(&spec.id),
+            metrics: RevisionMetrics::new(&spec.id),
+            load: Arc::new(ConcurrencyRecorder::untracked()),
             throttler,
             spec,
         }
@@ -350,14 +353,11 @@ mod tests {
     use super::*;
 
     fn registry() -> Registry {
-        Registry::new(
-            RegistrySettings {
-                throttler: ThrottlerSettings::default(),
-                probes: ProbeSchedule::default(),
-                own_ip: None,
-            },
-            Metrics::new().unwrap(),
-        )
+        Registry::new(RegistrySettings {
+            throttler: ThrottlerSettings::default(),
+            probes: ProbeSchedule::default(),
+            own_ip: None,
+        })
     }
 
     fn spec(name: &str, cc: usize) -> RevisionSpec {
@@ -398,7 +398,7 @@ mod tests {
             "b"
         );
         let kept_now = r.get("ns", "kept").unwrap();
-        assert!(Arc::ptr_eq(&kept.throttler, &kept_now.throttler));
+        assert!(kept.throttler.same_as(&kept_now.throttler));
         assert_eq!(kept_now.spec.container_concurrency, 7);
         // The snapshot requests held before the batch is untouched.
         assert!(before.get(&RevisionId::new("ns", "b")).is_none());

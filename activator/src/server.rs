@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use thaw_shared::body::{self, local, text, PROMETHEUS_TEXT};
 
-use crate::metrics::{Metrics, RevisionGauges};
+use crate::metrics::{self, RevisionGauges};
 use crate::parking::Admission;
 use crate::platform::Platform;
 use crate::reporter::{Reporter, RevisionStats};
@@ -58,7 +58,6 @@ pub struct State {
     pub upgrades: UpgradeTracker,
     pub draining: AtomicBool,
     pub cluster_domain: String,
-    pub metrics: Metrics,
     /// Whether requests get spans (`--tracing-endpoint`).
     pub tracing: bool,
 }
@@ -173,7 +172,11 @@ pub fn handle(
                 } = *parked;
                 (started, in_flight, Some((cold, outcome)))
             }
-            None => (Instant::now(), state.stats.arrive(&revision.spec.id), None),
+            None => (
+                Instant::now(),
+                state.stats.arrive(&revision.spec.id, &revision.load),
+                None,
+            ),
         };
         // 7. The revision's timeouts; the wait in the throttler counts.
         let timeouts = revision.spec.timeouts;
@@ -558,7 +561,7 @@ pub fn metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody>
         return text(StatusCode::NOT_FOUND, "not found");
     }
     let revisions = state.registry.all();
-    let body = state.metrics.render(revisions.iter().map(|r| {
+    let body = metrics::render(revisions.iter().map(|r| {
         (
             &r.metrics,
             RevisionGauges {

@@ -630,6 +630,7 @@ mod tests {
     use crate::reporter::{Reporter, ReporterSettings, RevisionStats};
     use futures_util::{SinkExt, StreamExt};
     use thaw_shared::proto::WireStatMessage;
+    use thaw_shared::stats::ConcurrencyRecorder;
 
     fn stat(pod: &str, average: f64, count: f64) -> Stat {
         Stat {
@@ -902,8 +903,9 @@ mod tests {
         .await;
 
         let r = RevisionId::new("default", "hello-00001");
+        let r_load = Arc::new(ConcurrencyRecorder::untracked());
         let woke = pokes.notified();
-        let held = [stats.arrive(&r), stats.arrive(&r)];
+        let held = [stats.arrive(&r, &r_load), stats.arrive(&r, &r_load)];
         time::timeout(Duration::from_secs(1), woke)
             .await
             .expect("the reporter's poke wakes the scaler");
@@ -956,7 +958,8 @@ mod tests {
         let stats = Arc::new(RevisionStats::new());
         let _reporter = Reporter::spawn(reporter_settings(addr, "good"), Arc::clone(&stats));
         let r = RevisionId::new("ns", "busy");
-        let _held = stats.arrive(&r);
+        let r_load = Arc::new(ConcurrencyRecorder::untracked());
+        let _held = stats.arrive(&r, &r_load);
         until("good load", Duration::from_secs(3), || {
             reported.load(&r, Instant::now()) == 1.0
         })

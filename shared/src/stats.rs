@@ -52,6 +52,8 @@ struct Window {
     proxied_weighted: f64,
     requests: u64,
     proxied_requests: u64,
+    /// Not in its collector's set (see [`ConcurrencyRecorder::arrive_tracked`]).
+    untracked: bool,
 }
 
 impl Window {
@@ -83,6 +85,16 @@ impl Default for ConcurrencyRecorder {
 
 impl ConcurrencyRecorder {
     pub fn new() -> Self {
+        Self::with_tracking(false)
+    }
+
+    /// A recorder its collector does not track yet: its first
+    /// [`arrive_tracked`](Self::arrive_tracked) says so.
+    pub fn untracked() -> Self {
+        Self::with_tracking(true)
+    }
+
+    fn with_tracking(untracked: bool) -> Self {
         let now = Instant::now();
         Self {
             window: Mutex::new(Window {
@@ -94,6 +106,7 @@ impl ConcurrencyRecorder {
                 proxied_weighted: 0.0,
                 requests: 0,
                 proxied_requests: 0,
+                untracked,
             }),
         }
     }
@@ -125,6 +138,33 @@ impl ConcurrencyRecorder {
         }
     }
 
+    /// For a collector that keeps only the recorders with load and forgets idle ones (the
+    /// activator's, one recorder per revision): counts an arrival as
+    /// [`arrive`](Self::arrive) does, and says whether the collector must track this
+    /// recorder again because [`report_or_retire_at`](Self::report_or_retire_at) let it go
+    /// (or it was made [`untracked`](Self::untracked)). Both happen under one lock, so an
+    /// arrival either lands in the window the collector cuts or is told; only one
+    /// arrival is told. A window that restarts here starts at this arrival, as a new
+    /// recorder's would.
+    pub fn arrive_tracked(self: &Arc<Self>) -> (InFlight, bool) {
+        let now = Instant::now();
+        let mut w = self.lock();
+        let untracked = std::mem::take(&mut w.untracked);
+        if untracked {
+            // Retired only when idle: nothing in flight, nothing counted since the cut.
+            w.started = now;
+        }
+        w.advance(now);
+        w.in_flight += 1;
+        w.requests += 1;
+        drop(w);
+        let guard = InFlight {
+            recorder: Arc::clone(self),
+            proxied: false,
+        };
+        (guard, untracked)
+    }
+
     fn depart(&self, proxied: bool) {
         let now = Instant::now();
         let mut w = self.lock();
@@ -149,7 +189,25 @@ impl ConcurrencyRecorder {
     /// As [`report`](Self::report), at a given instant (for callers that cut several
     /// recorders at one tick).
     pub fn report_at(&self, now: Instant) -> WindowReport {
+        Self::cut(&mut self.lock(), now)
+    }
+
+    /// As [`report_at`](Self::report_at); if the window was idle (no load, no arrival,
+    /// nothing in flight) the recorder is also marked untracked, under the same lock, and
+    /// `true` is returned: its collector may drop it, and the next arrival is told to
+    /// track it again ([`arrive_tracked`](Self::arrive_tracked)).
+    pub fn report_or_retire_at(&self, now: Instant) -> (WindowReport, bool) {
         let mut w = self.lock();
+        let report = Self::cut(&mut w, now);
+        let idle =
+            report.average_concurrency == 0.0 && report.request_count == 0 && w.in_flight == 0;
+        if idle {
+            w.untracked = true;
+        }
+        (report, idle)
+    }
+
+    fn cut(w: &mut Window, now: Instant) -> WindowReport {
         w.advance(now);
         let window = now.saturating_duration_since(w.started);
         let secs = window.as_secs_f64();
@@ -246,5 +304,54 @@ mod tests {
         let stat = r.to_stat("p", Duration::from_secs(2), Duration::ZERO);
         assert_eq!(stat.request_count, 5.0);
         assert_eq!(stat.proxied_request_count, 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_cut_retires_the_recorder_and_one_arrival_is_told() {
+        let rec = Arc::new(ConcurrencyRecorder::untracked());
+        let (held, told) = rec.arrive_tracked();
+        assert!(told, "a new untracked recorder's first arrival is told");
+        let (quick, told) = rec.arrive_tracked();
+        assert!(!told, "only once");
+        drop(quick);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (r, retired) = rec.report_or_retire_at(Instant::now());
+        assert!(!retired, "load in the window");
+        assert_eq!((r.average_concurrency, r.request_count), (1.0, 2));
+
+        // Still one in flight through a window with no arrivals: kept.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (r, retired) = rec.report_or_retire_at(Instant::now());
+        assert!(!retired);
+        assert_eq!((r.average_concurrency, r.request_count), (1.0, 0));
+
+        // The window the request ends in has load; the next one is idle.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        drop(held);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let (r, retired) = rec.report_or_retire_at(Instant::now());
+        assert!(!retired);
+        assert_eq!(r.average_concurrency, 0.5);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (r, retired) = rec.report_or_retire_at(Instant::now());
+        assert!(retired, "{r:?}");
+
+        // Long after, an arrival is told, and its window starts with it: half a second
+        // in flight over the half second since it came is an average of 1.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let (held, told) = rec.arrive_tracked();
+        assert!(told, "an arrival after an idle cut is told");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let (r, retired) = rec.report_or_retire_at(Instant::now());
+        assert!(!retired);
+        assert_eq!((r.average_concurrency, r.request_count), (1.0, 1));
+        assert_eq!(r.window, Duration::from_millis(500));
+        drop(held);
+    }
+
+    #[test]
+    fn a_plain_recorder_is_tracked_from_the_start() {
+        let rec = Arc::new(ConcurrencyRecorder::new());
+        assert!(!rec.arrive_tracked().1);
     }
 }

@@ -14,6 +14,7 @@ use prost::Message as _;
 use thaw_activator::reporter::RevisionStats;
 use thaw_activator::revision::RevisionId;
 use thaw_benches::harness::{self, Activator, QueueProxy};
+use thaw_shared::stats::ConcurrencyRecorder;
 
 use super::{
     group, mib, ms_spread, progress, rps_spread, run_with_rss, spread, try_get, wait_ok,
@@ -52,18 +53,25 @@ struct Row {
 /// and the batch's size in bytes.
 fn stat_report(tracked: usize) -> (Vec<f64>, usize) {
     let stats = RevisionStats::new();
-    let ids: Vec<RevisionId> = (0..tracked)
-        .map(|i| RevisionId::new("bench", &format!("rev-{i}")))
+    // Each revision with its own recorder, as the registry's revisions hold them.
+    let ids: Vec<(RevisionId, Arc<ConcurrencyRecorder>)> = (0..tracked)
+        .map(|i| {
+            let id = RevisionId::new("bench", &format!("rev-{i}"));
+            (id, Arc::new(ConcurrencyRecorder::untracked()))
+        })
         .collect();
     // Requests held in flight keep every entry in each cut.
-    let _in_flight: Vec<_> = ids.iter().map(|id| stats.arrive(id)).collect();
+    let _in_flight: Vec<_> = ids
+        .iter()
+        .map(|(id, load)| stats.arrive(id, load))
+        .collect();
     let _ = stats.take_pokes("activator-bench");
     let mut times = Vec::with_capacity(TICKS);
     let mut bytes = 0;
     for _ in 0..TICKS {
         // A request per revision since the last cut, as with traffic.
-        for id in &ids {
-            drop(stats.arrive(id));
+        for (id, load) in &ids {
+            drop(stats.arrive(id, load));
         }
         let started = Instant::now();
         let batch = stats.tick("activator-bench", tokio::time::Instant::now());
