@@ -250,61 +250,64 @@ impl Scrape<'_> {
         out.push('"');
     }
 
-    fn gauge(&mut self, name: &str, help: &str, value: impl Fn(&RevisionGauges) -> Option<usize>) {
-        let mut wrote_header = false;
-        for (m, g) in &self.revisions {
-            let Some(v) = value(g) else { continue };
-            if !wrote_header {
-                wrote_header = true;
-                Self::header(&mut self.out, name, help, "gauge");
-            }
-            Self::open(&mut self.out, name, "", &m.inner.id);
-            let _ = writeln!(self.out, "}} {v}");
+    /// One family: its `HELP` and `TYPE`, then `write` for each revision; nothing at all
+    /// when no revision wrote a sample.
+    fn family(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        mut write: impl FnMut(&mut String, &RevisionMetrics, &RevisionGauges),
+    ) {
+        let Scrape { revisions, out } = self;
+        let start = out.len();
+        Self::header(out, name, help, kind);
+        let samples_start = out.len();
+        for (m, g) in revisions.iter() {
+            write(out, m, g);
+        }
+        if out.len() == samples_start {
+            out.truncate(start);
         }
     }
 
+    fn gauge(&mut self, name: &str, help: &str, value: impl Fn(&RevisionGauges) -> Option<usize>) {
+        self.family(name, help, "gauge", |out, m, g| {
+            if let Some(v) = value(g) {
+                Self::open(out, name, "", &m.inner.id);
+                let _ = writeln!(out, "}} {v}");
+            }
+        });
+    }
+
     fn counter(&mut self, name: &str, help: &str, value: impl Fn(&Series) -> u64) {
-        let mut wrote_header = false;
-        for (m, _) in &self.revisions {
-            if !m.seen() {
-                continue;
+        self.family(name, help, "counter", |out, m, _| {
+            if m.seen() {
+                Self::open(out, name, "", &m.inner.id);
+                let _ = writeln!(out, "}} {}", value(&m.inner));
             }
-            if !wrote_header {
-                wrote_header = true;
-                Self::header(&mut self.out, name, help, "counter");
-            }
-            Self::open(&mut self.out, name, "", &m.inner.id);
-            let _ = writeln!(self.out, "}} {}", value(&m.inner));
-        }
+        });
     }
 
     /// `activator_request_count`: its class label sorts between the namespace and the
     /// revision, where prometheus' encoder put it.
     fn request_count(&mut self) {
         const NAME: &str = "activator_request_count";
-        let mut wrote_header = false;
-        for (m, _) in &self.revisions {
+        let help = "Requests answered, by response code class";
+        self.family(NAME, help, "counter", |out, m, _| {
             if !m.seen() {
-                continue;
-            }
-            if !wrote_header {
-                wrote_header = true;
-                let help = "Requests answered, by response code class";
-                Self::header(&mut self.out, NAME, help, "counter");
+                return;
             }
             let id = &m.inner.id;
             for (class, n) in CLASSES.iter().zip(&m.inner.by_class) {
-                self.out.push_str(NAME);
-                self.out.push_str("{namespace_name=\"");
-                escape_into(&mut self.out, &id.namespace);
-                let _ = write!(
-                    self.out,
-                    "\",response_code_class=\"{class}\",revision_name=\""
-                );
-                escape_into(&mut self.out, &id.name);
-                let _ = writeln!(self.out, "\"}} {}", n.load(Ordering::Relaxed));
+                out.push_str(NAME);
+                out.push_str("{namespace_name=\"");
+                escape_into(out, &id.namespace);
+                let _ = write!(out, "\",response_code_class=\"{class}\",revision_name=\"");
+                escape_into(out, &id.name);
+                let _ = writeln!(out, "\"}} {}", n.load(Ordering::Relaxed));
             }
-        }
+        });
     }
 
     /// A histogram family; `per_unit` converts the µs of the bounds and the sum into the
@@ -317,28 +320,23 @@ impl Scrape<'_> {
         bounds_us: &[u64; N],
         per_unit: f64,
     ) {
-        let mut wrote_header = false;
-        for (m, _) in &self.revisions {
+        self.family(name, help, "histogram", |out, m, _| {
             if !m.seen() {
-                continue;
-            }
-            if !wrote_header {
-                wrote_header = true;
-                Self::header(&mut self.out, name, help, "histogram");
+                return;
             }
             let (buckets, count, sum_us) = which(&m.inner).snapshot();
             let id = &m.inner.id;
             for (bound, n) in bounds_us.iter().zip(buckets) {
-                Self::open(&mut self.out, name, "_bucket", id);
-                let _ = writeln!(self.out, ",le=\"{}\"}} {n}", *bound as f64 / per_unit);
+                Self::open(out, name, "_bucket", id);
+                let _ = writeln!(out, ",le=\"{}\"}} {n}", *bound as f64 / per_unit);
             }
-            Self::open(&mut self.out, name, "_bucket", id);
-            let _ = writeln!(self.out, ",le=\"+Inf\"}} {count}");
-            Self::open(&mut self.out, name, "_sum", id);
-            let _ = writeln!(self.out, "}} {}", sum_us as f64 / per_unit);
-            Self::open(&mut self.out, name, "_count", id);
-            let _ = writeln!(self.out, "}} {count}");
-        }
+            Self::open(out, name, "_bucket", id);
+            let _ = writeln!(out, ",le=\"+Inf\"}} {count}");
+            Self::open(out, name, "_sum", id);
+            let _ = writeln!(out, "}} {}", sum_us as f64 / per_unit);
+            Self::open(out, name, "_count", id);
+            let _ = writeln!(out, "}} {count}");
+        });
     }
 }
 
