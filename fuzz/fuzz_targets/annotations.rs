@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use http::{HeaderMap, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
 use thaw_activator::backends::ProbeSchedule;
-use thaw_activator::metrics::Metrics;
 use thaw_activator::platform::PlatformUpdate;
 use thaw_activator::revision::{Registry, RegistrySettings, RevisionId, RevisionSpec};
 use thaw_activator::throttler::ThrottlerSettings;
@@ -143,20 +142,14 @@ fuzz_target!(|data: &[u8]| {
     if s.hosts.is_empty() {
         return;
     }
-    let Ok(metrics) = Metrics::new() else {
-        return;
-    };
-    let registry = Registry::new(
-        RegistrySettings {
-            throttler: ThrottlerSettings {
-                max_waiting: 100,
-                max_waiting_body_bytes: 1 << 20,
-            },
-            probes: ProbeSchedule::default(),
-            own_ip: None,
+    let registry = Registry::new(RegistrySettings {
+        throttler: ThrottlerSettings {
+            max_waiting: 100,
+            max_waiting_body_bytes: 1 << 20,
         },
-        metrics,
-    );
+        probes: ProbeSchedule::default(),
+        own_ip: None,
+    });
     let id = RevisionId::new("default", "hello");
     registry.apply(PlatformUpdate::Revision(RevisionSpec {
         id: id.clone(),

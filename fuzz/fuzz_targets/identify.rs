@@ -24,7 +24,6 @@
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
 use thaw_activator::backends::ProbeSchedule;
-use thaw_activator::metrics::Metrics;
 use thaw_activator::platform::PlatformUpdate;
 use thaw_activator::revision::{Registry, RegistrySettings, RevisionId, RevisionSpec};
 use thaw_activator::throttler::ThrottlerSettings;
@@ -98,20 +97,14 @@ fuzz_target!(|data: &[u8]| {
     let Some(input) = parse(data) else {
         return;
     };
-    let Ok(metrics) = Metrics::new() else {
-        return;
-    };
-    let registry = Registry::new(
-        RegistrySettings {
-            throttler: ThrottlerSettings {
-                max_waiting: 100,
-                max_waiting_body_bytes: 1 << 20,
-            },
-            probes: ProbeSchedule::default(),
-            own_ip: None,
+    let registry = Registry::new(RegistrySettings {
+        throttler: ThrottlerSettings {
+            max_waiting: 100,
+            max_waiting_body_bytes: 1 << 20,
         },
-        metrics,
-    );
+        probes: ProbeSchedule::default(),
+        own_ip: None,
+    });
     for (id, hosts) in &input.revisions {
         registry.apply(PlatformUpdate::Revision(RevisionSpec {
             id: id.clone(),

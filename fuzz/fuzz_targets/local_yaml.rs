@@ -20,7 +20,6 @@ use std::path::Path;
 use http::{HeaderMap, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
 use thaw_activator::backends::ProbeSchedule;
-use thaw_activator::metrics::Metrics;
 use thaw_activator::platform::local::config::{LocalConfig, PodSource};
 use thaw_activator::platform::PlatformUpdate;
 use thaw_activator::revision::{Registry, RegistrySettings};
@@ -115,20 +114,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let Ok(metrics) = Metrics::new() else {
-        return;
-    };
-    let registry = Registry::new(
-        RegistrySettings {
-            throttler: ThrottlerSettings {
-                max_waiting: 100,
-                max_waiting_body_bytes: 1 << 20,
-            },
-            probes: ProbeSchedule::default(),
-            own_ip: None,
+    let registry = Registry::new(RegistrySettings {
+        throttler: ThrottlerSettings {
+            max_waiting: 100,
+            max_waiting_body_bytes: 1 << 20,
         },
-        metrics,
-    );
+        probes: ProbeSchedule::default(),
+        own_ip: None,
+    });
     for r in &config.revisions {
         registry.apply(PlatformUpdate::Revision(r.spec.clone()));
     }
