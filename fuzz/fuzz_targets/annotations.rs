@@ -21,10 +21,8 @@ use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
-use thaw_activator::backends::ProbeSchedule;
 use thaw_activator::platform::PlatformUpdate;
-use thaw_activator::revision::{Registry, RegistrySettings, RevisionId, RevisionSpec};
-use thaw_activator::throttler::ThrottlerSettings;
+use thaw_activator::revision::{RevisionId, RevisionSpec};
 use thaw_queue_proxy::config::{self as qp, Config};
 use thaw_queue_proxy::inject::SidecarConfig;
 use thaw_shared::annotations::{FunctionSettings, ALL};
@@ -142,14 +140,7 @@ fuzz_target!(|data: &[u8]| {
     if s.hosts.is_empty() {
         return;
     }
-    let registry = Registry::new(RegistrySettings {
-        throttler: ThrottlerSettings {
-            max_waiting: 100,
-            max_waiting_body_bytes: 1 << 20,
-        },
-        probes: ProbeSchedule::default(),
-        own_ip: None,
-    });
+    let registry = thaw_fuzz::small_registry();
     let id = RevisionId::new("default", "hello");
     registry.apply(PlatformUpdate::Revision(RevisionSpec {
         id: id.clone(),

@@ -23,10 +23,8 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
-use thaw_activator::backends::ProbeSchedule;
 use thaw_activator::platform::PlatformUpdate;
-use thaw_activator::revision::{Registry, RegistrySettings, RevisionId, RevisionSpec};
-use thaw_activator::throttler::ThrottlerSettings;
+use thaw_activator::revision::{RevisionId, RevisionSpec};
 use thaw_shared::headers::{KNATIVE_SERVING_NAMESPACE, KNATIVE_SERVING_REVISION};
 use thaw_shared::timeout::Timeouts;
 
@@ -97,14 +95,7 @@ fuzz_target!(|data: &[u8]| {
     let Some(input) = parse(data) else {
         return;
     };
-    let registry = Registry::new(RegistrySettings {
-        throttler: ThrottlerSettings {
-            max_waiting: 100,
-            max_waiting_body_bytes: 1 << 20,
-        },
-        probes: ProbeSchedule::default(),
-        own_ip: None,
-    });
+    let registry = thaw_fuzz::small_registry();
     for (id, hosts) in &input.revisions {
         registry.apply(PlatformUpdate::Revision(RevisionSpec {
             id: id.clone(),

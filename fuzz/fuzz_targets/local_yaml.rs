@@ -19,11 +19,8 @@ use std::path::Path;
 
 use http::{HeaderMap, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
-use thaw_activator::backends::ProbeSchedule;
 use thaw_activator::platform::local::config::{LocalConfig, PodSource};
 use thaw_activator::platform::PlatformUpdate;
-use thaw_activator::revision::{Registry, RegistrySettings};
-use thaw_activator::throttler::ThrottlerSettings;
 use thaw_queue_proxy::config::{self as qp, Config};
 use thaw_shared::limits::{MAX_CONTAINER_CONCURRENCY, MAX_DURATION};
 use thaw_shared::names::{is_dns1035_label, is_dns1123_label};
@@ -114,14 +111,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let registry = Registry::new(RegistrySettings {
-        throttler: ThrottlerSettings {
-            max_waiting: 100,
-            max_waiting_body_bytes: 1 << 20,
-        },
-        probes: ProbeSchedule::default(),
-        own_ip: None,
-    });
+    let registry = thaw_fuzz::small_registry();
     for r in &config.revisions {
         registry.apply(PlatformUpdate::Revision(r.spec.clone()));
     }

@@ -1,9 +1,13 @@
 //! Helpers the fuzz targets share: the text format of the map-shaped inputs, the
 //! environment Knative's controller gives a queue-proxy, and the invariants of a parsed
-//! readiness probe, which three targets check.
+//! readiness probe, which three targets check, and the small activator registry three
+//! targets route through.
 
 use std::collections::HashMap;
 
+use thaw_activator::backends::ProbeSchedule;
+use thaw_activator::revision::{Registry, RegistrySettings};
+use thaw_activator::throttler::ThrottlerSettings;
 use thaw_shared::probe::{ProbeHandler, ProbeSpec};
 
 /// One line of a map-shaped input: `NAME=value` sets, a bare `NAME` removes, and a line
@@ -119,4 +123,17 @@ pub fn check_probe(p: &ProbeSpec) {
         !host.contains('[') && !host.contains(']'),
         "host with brackets: {p:?}"
     );
+}
+
+/// An activator registry with small wait bounds, for the targets that route requests
+/// through the revisions they parsed.
+pub fn small_registry() -> Registry {
+    Registry::new(RegistrySettings {
+        throttler: ThrottlerSettings {
+            max_waiting: 100,
+            max_waiting_body_bytes: 1 << 20,
+        },
+        probes: ProbeSchedule::default(),
+        own_ip: None,
+    })
 }
