@@ -122,20 +122,7 @@ impl ConcurrencyRecorder {
     /// Counts a request as arrived; the returned guard counts its departure when dropped,
     /// so a cancelled request can never stay counted.
     pub fn arrive(self: &Arc<Self>, proxied: bool) -> InFlight {
-        let now = Instant::now();
-        let mut w = self.lock();
-        w.advance(now);
-        w.in_flight += 1;
-        w.requests += 1;
-        if proxied {
-            w.proxied_in_flight += 1;
-            w.proxied_requests += 1;
-        }
-        drop(w);
-        InFlight {
-            recorder: Arc::clone(self),
-            proxied,
-        }
+        self.enter(proxied).0
     }
 
     /// For a collector that keeps only the recorders with load and forgets idle ones (the
@@ -147,6 +134,12 @@ impl ConcurrencyRecorder {
     /// arrival is told. A window that restarts here starts at this arrival, as a new
     /// recorder's would.
     pub fn arrive_tracked(self: &Arc<Self>) -> (InFlight, bool) {
+        self.enter(false)
+    }
+
+    /// Counts an arrival; `true` if the recorder was untracked (never, for a recorder
+    /// made with [`new`](Self::new) and cut with [`report_at`](Self::report_at)).
+    fn enter(self: &Arc<Self>, proxied: bool) -> (InFlight, bool) {
         let now = Instant::now();
         let mut w = self.lock();
         let untracked = std::mem::take(&mut w.untracked);
@@ -157,10 +150,14 @@ impl ConcurrencyRecorder {
         w.advance(now);
         w.in_flight += 1;
         w.requests += 1;
+        if proxied {
+            w.proxied_in_flight += 1;
+            w.proxied_requests += 1;
+        }
         drop(w);
         let guard = InFlight {
             recorder: Arc::clone(self),
-            proxied: false,
+            proxied,
         };
         (guard, untracked)
     }
