@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, HOST, RETRY_AFTER, USER_AGENT};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -362,7 +362,7 @@ async fn proxy_with_retry(
     mut permit: PodPermit,
 ) -> Result<(Response<UpstreamBody>, PodPermit), Refused> {
     let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
-    let replayable = is_replayable(&parts);
+    let replayable = thaw_shared::pool::is_replayable(&parts.method, &parts.headers);
     // A copy for a retry is only worth making when another pod could take it.
     let template = (bodiless && revision.throttler.ready_pods() > 1).then(|| clone_parts(&parts));
     let body = if bodiless {
@@ -406,17 +406,6 @@ async fn proxy_with_retry(
             .map_err(Refused::Throttled)?;
         req = Request::from_parts(clone_parts(template), Either::Right(Empty::new()));
     }
-}
-
-/// Whether a request may be sent again after its connection was lost: the safe methods
-/// (RFC 9110 §9.2.1), or one its client marked with an idempotency key. The same rule as
-/// Go's `http.Transport`, which Knative's activator proxies with.
-fn is_replayable(parts: &Parts) -> bool {
-    matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    ) || parts.headers.contains_key("idempotency-key")
-        || parts.headers.contains_key("x-idempotency-key")
 }
 
 /// CONTRACT §2.2 outbound rules: `Host` moves to `K-Original-Host`, the request is marked
@@ -608,27 +597,5 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
         }
-    }
-
-    #[test]
-    fn only_safe_or_keyed_requests_are_replayed_after_a_lost_connection() {
-        let parts = |method: Method, key: Option<&str>| {
-            let mut req = Request::builder().method(method).uri("/");
-            if let Some(key) = key {
-                req = req.header(key, "k-1");
-            }
-            req.body(()).unwrap().into_parts().0
-        };
-        for safe in [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE] {
-            assert!(is_replayable(&parts(safe, None)));
-        }
-        for unsafe_ in [Method::POST, Method::PATCH, Method::PUT, Method::DELETE] {
-            assert!(!is_replayable(&parts(unsafe_.clone(), None)), "{unsafe_}");
-        }
-        assert!(is_replayable(&parts(Method::POST, Some("Idempotency-Key"))));
-        assert!(is_replayable(&parts(
-            Method::POST,
-            Some("X-Idempotency-Key")
-        )));
     }
 }

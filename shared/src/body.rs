@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::conn::Connection;
+use crate::pool::BodyError;
 use crate::proxy::{TunnelHold, UpstreamBody};
 use crate::timeout::{TimeoutBody, Timeouts, TIMEOUT_BODY};
 
@@ -227,12 +228,12 @@ pub fn empty<G>(status: StatusCode) -> Response<ResponseBody<G>> {
 
 impl<G> Body for ResponseBody<G> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
             ResponseBodyProj::Local { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))

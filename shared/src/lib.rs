@@ -27,3 +27,4 @@ pub mod stats;
 pub mod timeout;
 pub mod tls;
 pub mod trace;
+pub mod upstream_h1;

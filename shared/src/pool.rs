@@ -8,9 +8,15 @@
 //! callgrind through the queue-proxy, that is about a fifth of the instructions of a
 //! request.
 //!
+//! A request with no body and no upgrade is exchanged on a connection of
+//! [`crate::upstream_h1`], by the task serving the client; others go through hyper's
+//! client. The two kinds of connection are kept apart, each most recently used first.
+//!
 //! A connection whose upstream closed it while idle is found closed at checkout and
 //! dropped. One that closes between checkout and send gives the request back unsent,
-//! which is then sent on a new connection (as hyper-util retries such requests).
+//! which is then sent on a new connection (as hyper-util retries such requests). A
+//! reused connection that closes after a bodiless request went out but before any answer
+//! has it sent again on a new one when it is safe to repeat, as Go's transport does.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -21,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -29,14 +35,19 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::conn::RelayInformational;
 use crate::quickack::UpstreamStream;
 use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
+use crate::upstream_h1::{ExchangeError, H1Body, NotReusable, UpstreamConn};
 
 /// What every request sends upstream: the client's body, or none (a request sent again
 /// to another upstream after its first one could not connect).
 pub type OutboundBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
 
 type Sender = http1::SendRequest<OutboundBody>;
+
+/// What a body that failed says: hyper's error, or this crate's [`ExchangeError`].
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How a connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +64,8 @@ pub enum SendError {
     Connect(ConnectError),
     /// hyper's error: the connection broke, or the answer was not HTTP.
     Http(hyper::Error),
+    /// The same, on a connection of [`crate::upstream_h1`].
+    Exchange(ExchangeError),
 }
 
 /// The pool's settings, per upstream address.
@@ -96,15 +109,44 @@ struct Inner {
 
 #[derive(Default)]
 struct Idle {
-    /// Per address, oldest first: the last is the warmest.
-    by_addr: HashMap<SocketAddr, Vec<IdleConn>, BuildHasherDefault<AddrHasher>>,
+    by_addr: HashMap<SocketAddr, Conns, BuildHasherDefault<AddrHasher>>,
     /// Whether the task that closes old idle connections runs.
     reaping: bool,
 }
 
-struct IdleConn {
-    sender: Sender,
+/// One address's idle connections of each kind, oldest first: the last is the warmest.
+#[derive(Default)]
+struct Conns {
+    hyper: Vec<Kept<Sender>>,
+    own: Vec<Kept<UpstreamConn>>,
+}
+
+impl Conns {
+    fn len(&self) -> usize {
+        self.hyper.len() + self.own.len()
+    }
+}
+
+struct Kept<C> {
+    conn: C,
     since: Instant,
+}
+
+/// What an idle connection must answer for the reaper.
+trait IdleConn {
+    fn is_closed(&self) -> bool;
+}
+
+impl IdleConn for Sender {
+    fn is_closed(&self) -> bool {
+        Sender::is_closed(self)
+    }
+}
+
+impl IdleConn for UpstreamConn {
+    fn is_closed(&self) -> bool {
+        !self.is_open()
+    }
 }
 
 impl Pool {
@@ -119,7 +161,7 @@ impl Pool {
 
     /// Idle connections, all addresses together.
     pub fn idle(&self) -> usize {
-        self.inner.lock().by_addr.values().map(Vec::len).sum()
+        self.inner.lock().by_addr.values().map(Conns::len).sum()
     }
 
     /// Sends `req` to `addr` on a pooled connection, or a new one. The response's body
@@ -129,6 +171,26 @@ impl Pool {
         addr: SocketAddr,
         req: Request<OutboundBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        if exchanged_here(&req) {
+            // By reference: moved in, the request would take room twice in the future.
+            return self.exchange(addr, &req).await;
+        }
+        // Boxed: hyper's client futures would otherwise make every request's future
+        // 1.4 KiB larger, and the stack's future is copied whole into its box.
+        Box::pin(self.send_with_hyper(addr, req)).await
+    }
+
+    /// Sends a request with a body, or an upgrade, through hyper's client.
+    async fn send_with_hyper(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<OutboundBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        if let Some(relay) = req.extensions_mut().remove::<RelayInformational>() {
+            hyper::ext::on_informational(&mut req, move |res| {
+                relay.relay(res.status(), res.headers());
+            });
+        }
         let mut sender = match self.checkout(addr).await {
             Some(sender) => sender,
             None => self.connect(addr).await.map_err(SendError::Connect)?,
@@ -151,22 +213,96 @@ impl Pool {
             addr,
         };
         Ok(resp.map(|body| UpstreamBody {
-            inner: body,
-            pooled: Some(pooled),
+            source: Source::Hyper {
+                body,
+                pooled: Some(pooled),
+            },
         }))
+    }
+
+    /// Sends a request with no body on a connection of [`crate::upstream_h1`].
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        req: &Request<OutboundBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let relay = req.extensions().get::<RelayInformational>();
+        let informational = |status: StatusCode, headers: &HeaderMap| {
+            if let Some(relay) = relay {
+                relay.relay(status, headers);
+            }
+        };
+        let (mut conn, reused) = match self.checkout_own(addr) {
+            Some(conn) => (conn, true),
+            None => (self.connect_own(addr).await?, false),
+        };
+        let (mut parts, decode) = match conn.exchange(req, informational).await {
+            Ok(head) => head,
+            // The upstream closed a kept connection as the request went out (an idle
+            // timeout of its own): nothing came back, so a safe request goes again.
+            Err(e) if e.is_lost() && reused && is_replayable(req.method(), req.headers()) => {
+                conn = self.connect_own(addr).await?;
+                conn.exchange(req, informational)
+                    .await
+                    .map_err(SendError::Exchange)?
+            }
+            Err(e) => return Err(SendError::Exchange(e)),
+        };
+        let reusable = parts.extensions.remove::<NotReusable>().is_none();
+        Ok(Response::from_parts(
+            parts,
+            UpstreamBody {
+                source: Source::Exchanged {
+                    body: H1Body::new(conn, decode, reusable),
+                    pool: Arc::downgrade(&self.inner),
+                    addr,
+                },
+            },
+        ))
+    }
+
+    /// The warmest idle connection of [`crate::upstream_h1`] to `addr` still open.
+    fn checkout_own(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+        let timeout = self.inner.settings.idle_timeout;
+        loop {
+            let kept = self.inner.lock().by_addr.get_mut(&addr)?.own.pop()?;
+            if kept.since.elapsed() >= timeout {
+                // The rest are older still.
+                if let Some(conns) = self.inner.lock().by_addr.get_mut(&addr) {
+                    conns.own.clear();
+                }
+                return None;
+            }
+            if kept.conn.is_open() {
+                return Some(kept.conn);
+            }
+        }
+    }
+
+    async fn connect_own(&self, addr: SocketAddr) -> Result<UpstreamConn, SendError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| SendError::Connect(ConnectError::Tcp(e)))?;
+        // Small requests must leave at once, not wait for Nagle.
+        stream
+            .set_nodelay(true)
+            .map_err(|e| SendError::Connect(ConnectError::Tcp(e)))?;
+        Ok(UpstreamConn::new(stream, self.inner.settings.quick_ack))
     }
 
     /// The warmest idle connection to `addr` that is still open and ready.
     async fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
         let timeout = self.inner.settings.idle_timeout;
         loop {
-            let conn = self.inner.lock().by_addr.get_mut(&addr)?.pop()?;
+            let conn = self.inner.lock().by_addr.get_mut(&addr)?.hyper.pop()?;
             if conn.since.elapsed() >= timeout {
                 // The rest are older still.
-                self.inner.lock().by_addr.remove(&addr);
+                if let Some(conns) = self.inner.lock().by_addr.get_mut(&addr) {
+                    conns.hyper.clear();
+                }
                 return None;
             }
-            let mut sender = conn.sender;
+            let mut sender = conn.conn;
             // At once for a connection whose last response was read to its end; an
             // upstream that closed it meanwhile makes this fail.
             if sender.ready().await.is_ok() {
@@ -206,14 +342,29 @@ impl Inner {
         if sender.is_closed() {
             return;
         }
+        self.keep(addr, |conns| &mut conns.hyper, sender);
+    }
+
+    fn give_back_own(self: &Arc<Self>, addr: SocketAddr, conn: UpstreamConn) {
+        self.keep(addr, |conns| &mut conns.own, conn);
+    }
+
+    /// Keeps `conn` idle among `addr`'s connections of its kind, unless the address
+    /// holds as many as it may.
+    fn keep<C>(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        kind: impl FnOnce(&mut Conns) -> &mut Vec<Kept<C>>,
+        conn: C,
+    ) {
         let start_reaper = {
             let mut idle = self.lock();
             let conns = idle.by_addr.entry(addr).or_default();
             if conns.len() >= self.settings.max_idle {
                 return;
             }
-            conns.push(IdleConn {
-                sender,
+            kind(conns).push(Kept {
+                conn,
                 since: Instant::now(),
             });
             !std::mem::replace(&mut idle.reaping, true)
@@ -241,15 +392,9 @@ async fn reap(pool: Weak<Inner>, timeout: Duration) {
         let now = Instant::now();
         let mut idle = pool.lock();
         idle.by_addr.retain(|_, conns| {
-            // Oldest first: the last `WARM` are the warm ones.
-            let spares = conns.len().saturating_sub(WARM);
-            let mut i = 0;
-            conns.retain(|c| {
-                let keep = if i < spares { spare } else { timeout };
-                i += 1;
-                now.duration_since(c.since) < keep && !c.sender.is_closed()
-            });
-            !conns.is_empty()
+            reap_kind(&mut conns.hyper, now, spare, timeout);
+            reap_kind(&mut conns.own, now, spare, timeout);
+            conns.len() > 0
         });
         if idle.by_addr.is_empty() {
             // Nothing left to watch; the next connection given back starts a new reaper.
@@ -257,6 +402,43 @@ async fn reap(pool: Weak<Inner>, timeout: Duration) {
             return;
         }
     }
+}
+
+/// Closes one kind's idle connections past their keep (see [`reap`]).
+fn reap_kind<C: IdleConn>(
+    conns: &mut Vec<Kept<C>>,
+    now: Instant,
+    spare: Duration,
+    timeout: Duration,
+) {
+    // Oldest first: the last `WARM` are the warm ones.
+    let spares = conns.len().saturating_sub(WARM);
+    let mut i = 0;
+    conns.retain(|c| {
+        let keep = if i < spares { spare } else { timeout };
+        i += 1;
+        now.duration_since(c.since) < keep && !c.conn.is_closed()
+    });
+}
+
+/// Whether the pool's own exchange carries `req`: HTTP/1.1 with no body, not an upgrade
+/// nor a `CONNECT`.
+fn exchanged_here(req: &Request<OutboundBody>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.method() != Method::CONNECT
+        && req.body().is_end_stream()
+        && !crate::proxy::is_upgrade_request(req)
+}
+
+/// Whether a request may be sent again after its connection was lost: the safe methods
+/// (RFC 9110 §9.2.1), or one its client marked with an idempotency key. The same rule as
+/// Go's `http.Transport`, which Knative's activator proxies with.
+pub fn is_replayable(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    ) || headers.contains_key("idempotency-key")
+        || headers.contains_key("x-idempotency-key")
 }
 
 /// A connection lent to one request; it goes back to the pool when its response ends.
@@ -278,67 +460,118 @@ impl Pooled {
 /// to the pool the moment the body has ended; a body dropped before its end closes the
 /// connection, which cannot carry another request with a response half read.
 pub struct UpstreamBody {
-    inner: Incoming,
-    pooled: Option<Pooled>,
+    source: Source,
+}
+
+enum Source {
+    /// From hyper's client: HTTP/2, or an HTTP/1.1 request with a body or an upgrade.
+    Hyper {
+        body: Incoming,
+        pooled: Option<Pooled>,
+    },
+    /// Read by [`crate::upstream_h1`] from the connection it carries.
+    Exchanged {
+        body: H1Body,
+        pool: Weak<Inner>,
+        addr: SocketAddr,
+    },
 }
 
 impl UpstreamBody {
     /// A body that carries no pooled connection (HTTP/2, or an upgraded connection).
     pub fn unpooled(inner: Incoming) -> Self {
         Self {
-            inner,
-            pooled: None,
+            source: Source::Hyper {
+                body: inner,
+                pooled: None,
+            },
         }
     }
 
     /// Lets go of the connection without returning it (a `101`: the connection now
     /// belongs to the upgrade).
     pub fn forget_connection(&mut self) {
-        self.pooled = None;
+        match &mut self.source {
+            Source::Hyper { pooled, .. } => *pooled = None,
+            Source::Exchanged { body, .. } => body.forget_connection(),
+        }
+    }
+
+    /// Gives the connection back once the body has ended on it.
+    fn release(&mut self) {
+        match &mut self.source {
+            Source::Hyper { pooled, .. } => {
+                if let Some(pooled) = pooled.take() {
+                    pooled.give_back();
+                }
+            }
+            Source::Exchanged { body, pool, addr } => {
+                if let (Some(conn), Some(pool)) = (body.finished(), pool.upgrade()) {
+                    pool.give_back_own(*addr, conn);
+                }
+            }
+        }
     }
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
-            .field("inner", &self.inner)
-            .field("pooled", &self.pooled.is_some())
-            .finish()
+        match &self.source {
+            Source::Hyper { body, pooled } => f
+                .debug_struct("UpstreamBody")
+                .field("inner", body)
+                .field("pooled", &pooled.is_some())
+                .finish(),
+            Source::Exchanged { body, addr, .. } => f
+                .debug_struct("UpstreamBody")
+                .field("inner", body)
+                .field("addr", addr)
+                .finish(),
+        }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            // A broken body leaves a connection that cannot be reused.
-            Poll::Ready(Some(Err(_))) => self.pooled = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.source {
+            Source::Hyper { body, pooled } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => self.release(),
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => self.release(),
+                    // A broken body leaves a connection that cannot be reused.
+                    Poll::Ready(Some(Err(_))) => *pooled = None,
+                    _ => {}
+                }
+                polled.map(|frame| frame.map(|r| r.map_err(BodyError::from)))
+            }
+            Source::Exchanged { body, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if polled.is_ready() {
+                    self.release();
+                }
+                polled.map(|frame| frame.map(|r| r.map_err(BodyError::from)))
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.source {
+            Source::Hyper { body, .. } => body.is_end_stream(),
+            Source::Exchanged { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl UpstreamBody {
-    fn release(&mut self) {
-        if let Some(pooled) = self.pooled.take() {
-            pooled.give_back();
+        match &self.source {
+            Source::Hyper { body, .. } => body.size_hint(),
+            Source::Exchanged { body, .. } => body.size_hint(),
         }
     }
 }
@@ -347,7 +580,7 @@ impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A body with nothing to read (`204`, `HEAD`, `Content-Length: 0`) may never be
         // polled; its connection is as good as after any other complete response.
-        if self.inner.is_end_stream() {
+        if self.is_end_stream() {
             self.release();
         }
     }
@@ -549,6 +782,121 @@ mod tests {
         }
     }
 
+    /// An upstream answering the first `answered` requests of each connection with
+    /// `answer`, then reading one more and closing without a word (an app whose
+    /// keep-alive timeout fired as the request arrived).
+    async fn closing_upstream(
+        answered: usize,
+        answer: &'static [u8],
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    for _ in 0..answered {
+                        if matches!(conn.read(&mut buf).await, Ok(0) | Err(_))
+                            || conn.write_all(answer).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    let _ = conn.read(&mut buf).await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_streams_with_its_trailers_and_keeps_its_connection() {
+        let (addr, accepted) = upstream(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nx-sum: 5\r\n\r\n",
+        )
+        .await;
+        let pool = pool(4, Duration::from_secs(60));
+        for _ in 0..3 {
+            let resp = pool.send(addr, get()).await.unwrap();
+            let collected = resp.into_body().collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["x-sum"], "5");
+            assert_eq!(collected.to_bytes(), "abcde");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_chunk_is_a_body_error_and_the_connection_goes() {
+        let (addr, _) = upstream(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        )
+        .await;
+        let pool = pool(4, Duration::from_secs(60));
+        let resp = pool.send(addr, get()).await.unwrap();
+        let err = resp.into_body().collect().await.unwrap_err();
+        assert!(err.to_string().contains("invalid chunk size"), "{err}");
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_answer_framed_by_close_is_read_to_the_end_and_not_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil ").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = conn.write_all(b"the end").await;
+        });
+        let pool = pool(4, Duration::from_secs(60));
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(read_all(resp).await, "until the end");
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn bytes_past_the_answer_keep_its_connection_from_reuse() {
+        let (addr, accepted) =
+            upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n").await;
+        let pool = pool(4, Duration::from_secs(60));
+        for _ in 0..2 {
+            let resp = pool.send(addr, get()).await.unwrap();
+            assert_eq!(read_all(resp).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_that_closes_unanswered_is_tried_again_for_a_safe_request() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, accepted) = closing_upstream(1, answer).await;
+        let pool = pool(4, Duration::from_secs(60));
+        assert_eq!(read_all(pool.send(addr, get()).await.unwrap()).await, "ok");
+        // The kept connection closes when this GET reaches it: a new one carries it.
+        assert_eq!(read_all(pool.send(addr, get()).await.unwrap()).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A POST is not repeated, even without a body: the upstream may have acted on it.
+        let mut post = get();
+        *post.method_mut() = Method::POST;
+        let err = pool.send(addr, post).await.unwrap_err();
+        assert!(
+            matches!(&err, SendError::Exchange(e) if e.is_lost()),
+            "{err:?}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn a_refused_connection_is_a_connect_error() {
         let addr = {
@@ -572,5 +920,27 @@ mod tests {
         let h = |a: &str| build.hash_one(a.parse::<SocketAddr>().unwrap());
         assert_ne!(h("10.0.0.1:8012"), h("10.0.0.2:8012"));
         assert_ne!(h("10.0.0.1:8012"), h("10.0.0.1:8013"));
+    }
+
+    #[test]
+    fn only_safe_or_keyed_requests_are_replayed_after_a_lost_connection() {
+        let replayable = |method: Method, key: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(key) = key {
+                headers.insert(
+                    http::HeaderName::from_bytes(key.as_bytes()).unwrap(),
+                    "k-1".parse().unwrap(),
+                );
+            }
+            is_replayable(&method, &headers)
+        };
+        for safe in [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE] {
+            assert!(replayable(safe, None));
+        }
+        for unsafe_ in [Method::POST, Method::PATCH, Method::PUT, Method::DELETE] {
+            assert!(!replayable(unsafe_.clone(), None), "{unsafe_}");
+        }
+        assert!(replayable(Method::POST, Some("Idempotency-Key")));
+        assert!(replayable(Method::POST, Some("X-Idempotency-Key")));
     }
 }

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::conn::Connection;
+use crate::conn::{Connection, RelayInformational};
 use crate::drain::UpgradeTracker;
 use crate::headers;
 pub use crate::pool::{OutboundBody, UpstreamBody};
@@ -300,6 +300,14 @@ impl Upstream {
                     reason: error_chain(&e),
                 },
                 SendError::Http(e) => classify(addr, &e, error_chain(&e)),
+                SendError::Exchange(e) if e.is_lost() => ProxyError::Lost {
+                    addr,
+                    reason: error_chain(&e),
+                },
+                SendError::Exchange(e) => ProxyError::Upstream {
+                    addr,
+                    reason: error_chain(&e),
+                },
             })?
         };
         // hyper bounds the head only by its read buffer, which can grow past the limit
@@ -395,10 +403,8 @@ pub fn relay_informational<B>(req: &mut Request<B>, conn: &Arc<Connection>) {
     if req.version() != Version::HTTP_11 || !conn.relays_informational() {
         return;
     }
-    let conn = Arc::clone(conn);
-    hyper::ext::on_informational(req, move |res| {
-        conn.informational(Version::HTTP_11, res.status(), res.headers());
-    });
+    req.extensions_mut()
+        .insert(RelayInformational(Arc::clone(conn)));
 }
 
 fn authority_of(addr: SocketAddr) -> Authority {

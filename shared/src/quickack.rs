@@ -39,6 +39,10 @@ impl UpstreamStream {
     pub fn new(inner: TcpStream, quick: bool) -> Self {
         Self { inner, quick }
     }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.inner
+    }
 }
 
 impl AsyncRead for UpstreamStream {

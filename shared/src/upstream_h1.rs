@@ -1,0 +1,770 @@
+//! An HTTP/1.1 exchange with an upstream, driven by the task serving the client.
+//!
+//! hyper's client runs each connection as a task of its own: the request crosses a channel
+//! to that task and the response crosses back, two task wake-ups per request, and its
+//! parser prepares state for every header line allowed (256 here) on each response.
+//! Counted with callgrind through the queue-proxy, that connection task was 31 % of a
+//! request's instructions. A request with no body and no upgrade (most of what functions
+//! are sent) is exchanged here instead: its head goes out in one write, the answer's head
+//! is parsed by httparse straight into an `http::HeaderMap` whose values share the read
+//! buffer, and the body is decoded from the same socket as the client takes it. Requests
+//! with a body, and upgrades, still go through hyper's client ([`crate::pool`]).
+//!
+//! The rules are hyper's, which are RFC 9112's: a `1xx` head is passed to the caller and
+//! skipped, a `HEAD` answer and `204` / `304` have no body, `Transfer-Encoding` wins over
+//! `Content-Length`, differing `Content-Length`s are refused, a body with neither runs to
+//! the end of the connection. A connection is reused only when its answer was read to the
+//! end, said nothing of closing, and left no byte behind.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::TRANSFER_ENCODING;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::quickack::UpstreamStream;
+use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
+
+/// How much room a read asks for at first: one small response whole.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// The most a read asks for: a large body is read in pieces that double while they fill
+/// the room given, up to this (hyper's client grows its reads the same way).
+const MAX_READ_CHUNK: usize = 64 * 1024;
+
+/// The longest chunk-size line accepted (its extensions included).
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// How an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The connection closed or broke before a whole response head came back: the
+    /// upstream is likely gone, and may or may not have seen the request.
+    #[error("connection closed before a response: {0}")]
+    Lost(#[source] io::Error),
+    /// The answer is not HTTP/1.1 this proxy can pass on.
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    /// The connection failed after the head: the body cannot be finished.
+    #[error("{0}")]
+    Body(#[source] io::Error),
+}
+
+impl ExchangeError {
+    fn malformed(what: impl Into<String>) -> Self {
+        ExchangeError::Malformed(what.into())
+    }
+
+    /// True when no response head was seen before the connection went away.
+    pub fn is_lost(&self) -> bool {
+        matches!(self, ExchangeError::Lost(_))
+    }
+}
+
+/// One keep-alive connection to an upstream, with its buffers.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    io: UpstreamStream,
+    /// What was read and not yet handed on.
+    read: BytesMut,
+    /// The request head being written; kept to reuse its allocation.
+    write: Vec<u8>,
+    /// The room the next body read asks for.
+    chunk: usize,
+}
+
+impl UpstreamConn {
+    pub fn new(stream: TcpStream, quick_ack: bool) -> Self {
+        Self {
+            io: UpstreamStream::new(stream, quick_ack),
+            read: BytesMut::new(),
+            write: Vec::new(),
+            chunk: READ_CHUNK,
+        }
+    }
+
+    /// Whether a connection that sat idle can carry another request: the upstream has not
+    /// closed it, nor sent anything unasked. No system call unless the socket reported
+    /// an event since the last response was read.
+    pub fn is_open(&self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let stream = self.io.get_ref();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends `req`'s head (its body must be empty) and reads the answer's head. `1xx`
+    /// heads before it go to `informational`. The body is then read through [`H1Body`].
+    pub async fn exchange<B>(
+        &mut self,
+        req: &Request<B>,
+        mut informational: impl FnMut(StatusCode, &HeaderMap),
+    ) -> Result<(http::response::Parts, Decode), ExchangeError> {
+        encode_head(req, &mut self.write);
+        self.chunk = READ_CHUNK;
+        if let Err(e) = self.io.write_all(&self.write).await {
+            return Err(ExchangeError::Lost(e));
+        }
+        let no_body = req.method() == Method::HEAD;
+        loop {
+            let Some(end) = head_end(&self.read) else {
+                if self.read.len() > MAX_HEADER_BYTES {
+                    return Err(ExchangeError::malformed(format!(
+                        "response head exceeds {MAX_HEADER_BYTES} bytes"
+                    )));
+                }
+                self.read.reserve(READ_CHUNK);
+                match self.io.read_buf(&mut self.read).await {
+                    Ok(0) => {
+                        return Err(ExchangeError::Lost(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the upstream closed the connection",
+                        )))
+                    }
+                    Ok(_) => continue,
+                    Err(e) => return Err(ExchangeError::Lost(e)),
+                }
+            };
+            if end > MAX_HEADER_BYTES {
+                return Err(ExchangeError::malformed(format!(
+                    "response head exceeds {MAX_HEADER_BYTES} bytes"
+                )));
+            }
+            let head = self.read.split_to(end).freeze();
+            match parse_head(&head, no_body)? {
+                Parsed::Informational(status, headers) => informational(status, &headers),
+                Parsed::Final(parts, decode) => return Ok((parts, decode)),
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.read.reserve(self.chunk);
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
+        if let Poll::Ready(Ok(n)) = read {
+            if n >= self.chunk {
+                self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
+            }
+        }
+        read
+    }
+}
+
+/// Writes the request line and header lines as hyper's client does: origin form, the
+/// names as they are held (lower case), no body framing (the body is empty).
+fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Where a head ends: just past its empty line (`\r\n\r\n`, or the bare `\n\n` httparse
+/// also accepts).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf).find_map(|at| match buf.get(at + 1..) {
+        Some([b'\n', ..]) => Some(at + 2),
+        Some([b'\r', b'\n', ..]) => Some(at + 3),
+        _ => None,
+    })
+}
+
+/// How a response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunk),
+    /// To the end of the connection.
+    Close,
+    Done,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    Size,
+    Data(u64),
+    /// The line end after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+enum Parsed {
+    Informational(StatusCode, HeaderMap),
+    Final(http::response::Parts, Decode),
+}
+
+/// Parses a complete head into the parts of a response, its values sharing `head`.
+/// Never inlined: inlined into the exchange, its 256 header slots (8 KiB) became part
+/// of the exchange's future, which every request copies into its box (callgrind: 8 500
+/// more instructions per request).
+#[inline(never)]
+fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, head, &mut slots)
+    {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(ExchangeError::malformed("incomplete head")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ExchangeError::malformed(format!(
+                "more than {MAX_HEADERS} header lines"
+            )))
+        }
+        Err(e) => return Err(ExchangeError::malformed(e.to_string())),
+    }
+    let code = res.code.unwrap_or_default();
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| ExchangeError::malformed(format!("invalid status {code}")))?;
+    let version = if res.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut saw_close = false;
+    for h in res.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| ExchangeError::malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(shared_slice(head, h.value))
+            .map_err(|_| ExchangeError::malformed("invalid header value"))?;
+        if name == CONNECTION {
+            // A later `keep-alive` does not undo an earlier `close`.
+            if saw_close || has_token(&value, b"close") {
+                saw_close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(&value, b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ExchangeError::malformed(
+                "101 Switching Protocols to a request that asked for no upgrade",
+            ));
+        }
+        return Ok(Parsed::Informational(status, headers));
+    }
+    let decode =
+        if no_body || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            Decode::Done
+        } else if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+            if version == Version::HTTP_10 {
+                return Err(ExchangeError::malformed(
+                    "Transfer-Encoding in an HTTP/1.0 response",
+                ));
+            }
+            // Sent with a Content-Length too, the message may be an attempt at response
+            // splitting: the body is read as chunked, and the connection not trusted again.
+            if headers.contains_key(CONTENT_LENGTH) {
+                keep_alive = false;
+            }
+            if last_token_is(te, b"chunked") {
+                Decode::Chunked(Chunk::Size)
+            } else {
+                Decode::Close
+            }
+        } else if headers.contains_key(CONTENT_LENGTH) {
+            match content_length(&headers) {
+                Some(0) => Decode::Done,
+                Some(n) => Decode::Length(n),
+                None => return Err(ExchangeError::malformed("invalid Content-Length")),
+            }
+        } else {
+            Decode::Close
+        };
+    if decode == Decode::Close {
+        keep_alive = false;
+    }
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    if !keep_alive {
+        parts.extensions.insert(NotReusable);
+    }
+    if let Some(reason) = res.reason {
+        // hyper's server writes a reason phrase other than the standard one back out.
+        if Some(reason) != status.canonical_reason() && !reason.is_empty() {
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes()) {
+                parts.extensions.insert(reason);
+            }
+        }
+    }
+    Ok(Parsed::Final(parts, decode))
+}
+
+/// Marks a response after which its connection closes.
+#[derive(Debug, Clone, Copy)]
+pub struct NotReusable;
+
+/// `part` of `whole`, as a `Bytes` sharing its memory.
+fn shared_slice(whole: &Bytes, part: &[u8]) -> Bytes {
+    let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= whole.len() && !part.is_empty() => whole.slice(start..end),
+        _ => Bytes::new(),
+    }
+}
+
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+}
+
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+fn last_token_is(value: &HeaderValue, token: &[u8]) -> bool {
+    tokens(value)
+        .last()
+        .is_some_and(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The one length every `Content-Length` value names (RFC 9110 §8.6: a list of equal
+/// values is one value), or `None` if they differ or one is not a number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut found = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for t in tokens(value) {
+            if t.is_empty() || !t.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n: u64 = std::str::from_utf8(t).ok()?.parse().ok()?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
+}
+
+/// A response body read from its connection. Once it has ended, [`H1Body::finished`]
+/// gives back a connection fit for another request.
+#[derive(Debug)]
+pub struct H1Body {
+    conn: Option<UpstreamConn>,
+    decode: Decode,
+    reusable: bool,
+    /// Set once the body ended on a connection that can be reused.
+    finished: bool,
+}
+
+impl H1Body {
+    pub fn new(conn: UpstreamConn, decode: Decode, reusable: bool) -> Self {
+        let mut body = Self {
+            conn: Some(conn),
+            decode,
+            reusable,
+            finished: false,
+        };
+        if decode == Decode::Done {
+            body.end();
+        }
+        body
+    }
+
+    /// The connection, once the body ended and left it fit for another request.
+    pub fn finished(&mut self) -> Option<UpstreamConn> {
+        if self.finished {
+            self.finished = false;
+            return self.conn.take();
+        }
+        None
+    }
+
+    /// Lets go of the connection (a `101`: it now belongs to the upgrade).
+    pub fn forget_connection(&mut self) {
+        self.conn = None;
+    }
+
+    fn end(&mut self) {
+        self.decode = Decode::Done;
+        match &self.conn {
+            Some(conn) if self.reusable && conn.read.is_empty() => self.finished = true,
+            // Bytes past the response's end, or a connection that said it closes.
+            _ => self.conn = None,
+        }
+    }
+
+    fn broken(&mut self, err: io::Error) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        self.conn = None;
+        self.decode = Decode::Done;
+        Poll::Ready(Some(Err(ExchangeError::Body(err))))
+    }
+
+    fn malformed(&mut self, what: &str) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        self.broken(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()))
+    }
+}
+
+/// The EOF that ends a body early.
+fn cut_short() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the upstream closed the connection before the body ended",
+    )
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let this = &mut *self;
+        loop {
+            if this.decode == Decode::Done {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decode {
+                Decode::Done => return Poll::Ready(None),
+                Decode::Length(left) | Decode::Chunked(Chunk::Data(left))
+                    if !conn.read.is_empty() =>
+                {
+                    let take = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.read.len());
+                    let data = conn.read.split_to(take).freeze();
+                    let left = left - take as u64;
+                    match this.decode {
+                        Decode::Length(_) if left == 0 => this.end(),
+                        Decode::Length(_) => this.decode = Decode::Length(left),
+                        _ if left == 0 => this.decode = Decode::Chunked(Chunk::DataEnd),
+                        _ => this.decode = Decode::Chunked(Chunk::Data(left)),
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::Close if !conn.read.is_empty() => {
+                    let data = conn.read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::Chunked(Chunk::Size) => match httparse::parse_chunk_size(&conn.read) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        conn.read.advance(used);
+                        this.decode = Decode::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                        continue;
+                    }
+                    Ok(httparse::Status::Partial) if conn.read.len() > MAX_CHUNK_LINE => {
+                        return this.malformed("chunk size line too long");
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(_) => return this.malformed("invalid chunk size"),
+                },
+                Decode::Chunked(Chunk::DataEnd) => {
+                    if conn.read.starts_with(b"\r\n") {
+                        conn.read.advance(2);
+                        this.decode = Decode::Chunked(Chunk::Size);
+                        continue;
+                    }
+                    if conn.read.starts_with(b"\n") {
+                        conn.read.advance(1);
+                        this.decode = Decode::Chunked(Chunk::Size);
+                        continue;
+                    }
+                    if conn.read.len() >= 2 || conn.read.first().is_some_and(|b| *b != b'\r') {
+                        return this.malformed("chunk data not followed by a line end");
+                    }
+                }
+                Decode::Chunked(Chunk::Trailers) => match trailers(&mut conn.read) {
+                    Ok(Some(map)) => {
+                        this.end();
+                        if map.is_empty() {
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::trailers(map))));
+                    }
+                    Ok(None) if conn.read.len() > MAX_HEADER_BYTES => {
+                        return this.malformed("trailers too large");
+                    }
+                    Ok(None) => {}
+                    Err(what) => return this.malformed(what),
+                },
+                // Length, data or close-delimited with nothing buffered: read below.
+                _ => {}
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return this.broken(e),
+                Poll::Ready(Ok(0)) if this.decode == Decode::Close => {
+                    this.decode = Decode::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => return this.broken(cut_short()),
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decode == Decode::Done || self.conn.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decode {
+            Decode::Length(n) => SizeHint::with_exact(n),
+            Decode::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The trailer section after the last chunk, taken from `buf` once whole: `Ok(None)`
+/// while more must be read.
+fn trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, &'static str> {
+    if buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        return Ok(Some(HeaderMap::new()));
+    }
+    if buf.starts_with(b"\n") {
+        buf.advance(1);
+        return Ok(Some(HeaderMap::new()));
+    }
+    // The section ends at the first empty line; the parser wants its line ends whole.
+    let Some(end) = head_end(buf) else {
+        return Ok(None);
+    };
+    let section = buf.split_to(end).freeze();
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let parsed = match httparse::parse_headers(&section, &mut slots) {
+        Ok(httparse::Status::Complete((_, parsed))) => parsed,
+        Ok(httparse::Status::Partial) => return Err("incomplete trailers"),
+        Err(httparse::Error::TooManyHeaders) => return Err("more than 64 trailer lines"),
+        Err(_) => return Err("malformed trailers"),
+    };
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "invalid trailer name")?;
+        let value = HeaderValue::from_maybe_shared(shared_slice(&section, h.value))
+            .map_err(|_| "invalid trailer value")?;
+        map.append(name, value);
+    }
+    Ok(Some(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(head: &'static [u8]) -> Result<Parsed, ExchangeError> {
+        parse_head(&Bytes::from_static(head), false)
+    }
+
+    fn decode_of(head: &'static [u8]) -> (Decode, bool) {
+        match parsed(head) {
+            Ok(Parsed::Final(parts, decode)) => {
+                (decode, parts.extensions.get::<NotReusable>().is_none())
+            }
+            Ok(Parsed::Informational(..)) => panic!("informational"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_head_ends_at_its_empty_line() {
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\r\na: b\r\n\r\nbody"), Some(25));
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\na: b\n\nbody"), Some(22));
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\r\na: b\r\n"), None);
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\r\na: b\r\n\r"), None);
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        assert_eq!(
+            decode_of(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            (Decode::Length(5), true)
+        );
+        assert_eq!(
+            decode_of(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n"),
+            (Decode::Length(5), true)
+        );
+        assert_eq!(
+            decode_of(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            (Decode::Done, true)
+        );
+        assert_eq!(
+            decode_of(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            (Decode::Chunked(Chunk::Size), true)
+        );
+        // Both: chunked wins, and the connection is not trusted again.
+        assert_eq!(
+            decode_of(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+            ),
+            (Decode::Chunked(Chunk::Size), false)
+        );
+        assert_eq!(
+            decode_of(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            (Decode::Close, false)
+        );
+        assert_eq!(
+            decode_of(b"HTTP/1.1 200 OK\r\n\r\n"),
+            (Decode::Close, false)
+        );
+        assert_eq!(
+            decode_of(b"HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n"),
+            (Decode::Done, true)
+        );
+        assert_eq!(
+            decode_of(b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+            (Decode::Done, true)
+        );
+        match parse_head(
+            &Bytes::from_static(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"),
+            true,
+        ) {
+            Ok(Parsed::Final(_, decode)) => assert_eq!(decode, Decode::Done),
+            _ => panic!("a HEAD answer has no body"),
+        }
+    }
+
+    #[test]
+    fn keep_alive_follows_connection_and_version() {
+        assert!(!decode_of(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n").1);
+        assert!(
+            !decode_of(
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n"
+            )
+            .1
+        );
+        assert!(!decode_of(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").1);
+        assert!(
+            decode_of(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n").1
+        );
+    }
+
+    #[test]
+    fn malformed_heads_are_refused_with_a_reason() {
+        for (head, why) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"[..],
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999999\r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                "HTTP/1.0",
+            ),
+            (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "upgrade"),
+            (b"HTTP/1.1 2000 OK\r\n\r\n", "status"),
+            (b"HTTQ/1.1 200 OK\r\n\r\n", "version"),
+            (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n", "header"),
+        ] {
+            match parse_head(&Bytes::copy_from_slice(head), false) {
+                Err(e) => assert!(e.to_string().contains(why), "{e} should say {why}"),
+                Ok(_) => panic!("{} was accepted", String::from_utf8_lossy(head)),
+            }
+        }
+    }
+
+    #[test]
+    fn informational_heads_are_passed_on_and_a_custom_reason_kept() {
+        assert!(matches!(
+            parsed(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n"),
+            Ok(Parsed::Informational(StatusCode::EARLY_HINTS, h)) if h.contains_key("link")
+        ));
+        match parsed(b"HTTP/1.1 200 Fine Thanks\r\ncontent-length: 0\r\n\r\n") {
+            Ok(Parsed::Final(parts, _)) => assert_eq!(
+                parts
+                    .extensions
+                    .get::<hyper::ext::ReasonPhrase>()
+                    .map(|r| r.as_bytes()),
+                Some(&b"Fine Thanks"[..])
+            ),
+            _ => panic!("not parsed"),
+        }
+    }
+
+    #[test]
+    fn values_share_the_head() {
+        let head = Bytes::from_static(b"HTTP/1.1 200 OK\r\nx-a: one\r\nx-b:\r\n\r\n");
+        match parse_head(&head, false) {
+            Ok(Parsed::Final(parts, _)) => {
+                assert_eq!(parts.headers["x-a"], "one");
+                assert_eq!(parts.headers["x-b"], "");
+            }
+            _ => panic!("not parsed"),
+        }
+    }
+
+    #[test]
+    fn the_request_head_is_written_as_hyper_writes_it() {
+        let req = Request::get("/a?b=c")
+            .header("host", "example.com")
+            .header("x-y", "z")
+            .body(())
+            .unwrap();
+        let mut out = Vec::new();
+        encode_head(&req, &mut out);
+        assert_eq!(
+            out,
+            b"GET /a?b=c HTTP/1.1\r\nhost: example.com\r\nx-y: z\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn trailers_are_parsed_once_whole() {
+        let mut buf = BytesMut::from(&b"grpc-status: 0\r\n"[..]);
+        assert_eq!(trailers(&mut buf), Ok(None));
+        buf.extend_from_slice(b"\r\nnext");
+        let map = trailers(&mut buf).unwrap().unwrap();
+        assert_eq!(map["grpc-status"], "0");
+        assert_eq!(&buf[..], b"next");
+        let mut empty = BytesMut::from(&b"\r\n"[..]);
+        assert_eq!(
+            trailers(&mut empty).map(|m| m.map(|m| m.len())),
+            Ok(Some(0))
+        );
+    }
+}
