@@ -618,41 +618,52 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// An upstream answering every request on a connection with `answer`, counting the
-    /// connections it accepted.
-    async fn upstream(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A listener on loopback that counts the connections it accepts and runs `serve`
+    /// on each.
+    async fn counting_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
         tokio::spawn(async move {
             loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
+                let Ok((conn, _)) = listener.accept().await else {
                     return;
                 };
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut seen = Vec::new();
-                    loop {
-                        let Ok(n) = conn.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            if conn.write_all(answer).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
+                tokio::spawn(serve(conn));
             }
         });
         (addr, accepted)
+    }
+
+    /// An upstream answering every request on a connection with `answer`, counting the
+    /// connections it accepted.
+    async fn upstream(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+        counting_upstream(move |mut conn| async move {
+            let mut buf = vec![0u8; 4096];
+            let mut seen = Vec::new();
+            loop {
+                let Ok(n) = conn.read(&mut buf).await else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    seen.drain(..end + 4);
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
     }
 
     fn pool(max_idle: usize, idle_timeout: Duration) -> Pool {
@@ -789,30 +800,18 @@ mod tests {
         answered: usize,
         answer: &'static [u8],
     ) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
+        counting_upstream(move |mut conn| async move {
+            let mut buf = [0u8; 4096];
+            for _ in 0..answered {
+                if matches!(conn.read(&mut buf).await, Ok(0) | Err(_))
+                    || conn.write_all(answer).await.is_err()
+                {
                     return;
-                };
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    for _ in 0..answered {
-                        if matches!(conn.read(&mut buf).await, Ok(0) | Err(_))
-                            || conn.write_all(answer).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    let _ = conn.read(&mut buf).await;
-                });
+                }
             }
-        });
-        (addr, accepted)
+            let _ = conn.read(&mut buf).await;
+        })
+        .await
     }
 
     #[tokio::test]
