@@ -263,20 +263,29 @@ impl Pool {
 
     /// The warmest idle connection of [`crate::upstream_h1`] to `addr` still open.
     fn checkout_own(&self, addr: SocketAddr) -> Option<UpstreamConn> {
-        let timeout = self.inner.settings.idle_timeout;
         loop {
-            let kept = self.inner.lock().by_addr.get_mut(&addr)?.own.pop()?;
-            if kept.since.elapsed() >= timeout {
-                // The rest are older still.
-                if let Some(conns) = self.inner.lock().by_addr.get_mut(&addr) {
-                    conns.own.clear();
-                }
-                return None;
-            }
-            if kept.conn.is_open() {
-                return Some(kept.conn);
+            let conn = self.pop_kept(addr, |conns| &mut conns.own)?;
+            if conn.is_open() {
+                return Some(conn);
             }
         }
+    }
+
+    /// The warmest idle connection of one kind to `addr`, unless it outlived the idle
+    /// timeout (then the rest of that kind, older still, go too).
+    fn pop_kept<C>(
+        &self,
+        addr: SocketAddr,
+        kind: impl FnOnce(&mut Conns) -> &mut Vec<Kept<C>>,
+    ) -> Option<C> {
+        let mut idle = self.inner.lock();
+        let kept = kind(idle.by_addr.get_mut(&addr)?);
+        let last = kept.pop()?;
+        if last.since.elapsed() >= self.inner.settings.idle_timeout {
+            kept.clear();
+            return None;
+        }
+        Some(last.conn)
     }
 
     async fn connect_own(&self, addr: SocketAddr) -> Result<UpstreamConn, SendError> {
@@ -292,17 +301,8 @@ impl Pool {
 
     /// The warmest idle connection to `addr` that is still open and ready.
     async fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
-        let timeout = self.inner.settings.idle_timeout;
         loop {
-            let conn = self.inner.lock().by_addr.get_mut(&addr)?.hyper.pop()?;
-            if conn.since.elapsed() >= timeout {
-                // The rest are older still.
-                if let Some(conns) = self.inner.lock().by_addr.get_mut(&addr) {
-                    conns.hyper.clear();
-                }
-                return None;
-            }
-            let mut sender = conn.conn;
+            let mut sender = self.pop_kept(addr, |conns| &mut conns.hyper)?;
             // At once for a connection whose last response was read to its end; an
             // upstream that closed it meanwhile makes this fail.
             if sender.ready().await.is_ok() {

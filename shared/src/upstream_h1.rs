@@ -380,8 +380,6 @@ pub struct H1Body {
     conn: Option<UpstreamConn>,
     decode: Decode,
     reusable: bool,
-    /// Set once the body ended on a connection that can be reused.
-    finished: bool,
 }
 
 impl H1Body {
@@ -390,7 +388,6 @@ impl H1Body {
             conn: Some(conn),
             decode,
             reusable,
-            finished: false,
         };
         if decode == Decode::Done {
             body.end();
@@ -400,8 +397,8 @@ impl H1Body {
 
     /// The connection, once the body ended and left it fit for another request.
     pub fn finished(&mut self) -> Option<UpstreamConn> {
-        if self.finished {
-            self.finished = false;
+        // `end` keeps the connection only when it can carry another request.
+        if self.decode == Decode::Done {
             return self.conn.take();
         }
         None
@@ -414,10 +411,9 @@ impl H1Body {
 
     fn end(&mut self) {
         self.decode = Decode::Done;
-        match &self.conn {
-            Some(conn) if self.reusable && conn.read.is_empty() => self.finished = true,
-            // Bytes past the response's end, or a connection that said it closes.
-            _ => self.conn = None,
+        // Not with bytes past the response's end, nor after an answer that said it closes.
+        if !(self.reusable && self.conn.as_ref().is_some_and(|c| c.read.is_empty())) {
+            self.conn = None;
         }
     }
 
