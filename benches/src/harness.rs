@@ -166,9 +166,35 @@ pub fn knative_env(user_port: u16) -> HashMap<String, String> {
 /// A child process whose JSON log lines on stdout are kept, and which reported the
 /// addresses of its listeners in `listening` lines.
 struct Logged {
+    what: String,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
     listeners: HashMap<String, SocketAddr>,
+}
+
+/// How many of a child's last log lines a failing test shows.
+const LOG_TAIL_ON_FAILURE: usize = 60;
+
+impl Drop for Logged {
+    /// A test that fails shows what its processes said last: the logs are otherwise lost
+    /// with the process, and a failure seen only in CI could not be told apart.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let skip = logs.len().saturating_sub(LOG_TAIL_ON_FAILURE);
+        eprintln!(
+            "--- last {} of {} log lines of {} (pid {:?})",
+            logs.len() - skip,
+            logs.len(),
+            self.what,
+            self.child.id()
+        );
+        for line in &logs[skip..] {
+            eprintln!("{line}");
+        }
+    }
 }
 
 impl Logged {
@@ -204,6 +230,7 @@ impl Logged {
             }
         }
         Logged {
+            what: what.to_owned(),
             child,
             logs,
             listeners,

@@ -193,8 +193,17 @@ async fn knative_platform_follows_what_knative_publishes() {
     .await;
 
     eprintln!("== the revision is served from its private Endpoints");
+    // Each new answer is shown, so a timeout says what the activator answered instead.
+    let last = std::sync::Mutex::new(None);
     until("a request to the revision is served", WITHIN, || async {
-        call(&activator, &ns).await.0 == 200
+        let answer = call(&activator, &ns).await;
+        let served = answer.0 == 200;
+        let mut last = last.lock().unwrap();
+        if last.as_ref() != Some(&answer) {
+            eprintln!("answered {} {:?}", answer.0, answer.1);
+            *last = Some(answer);
+        }
+        served
     })
     .await;
     let host = format!("{REVISION}.{ns}.svc.cluster.local");
