@@ -207,7 +207,9 @@ pub fn handle(
         let result = if timed_out {
             Err(TimedOut)
         } else {
-            let head = throttle_and_proxy(
+            // Pinned where it is made: the timeout then holds a pointer to it, where it
+            // would otherwise copy the whole future at each layer.
+            let head = std::pin::pin!(throttle_and_proxy(
                 &state,
                 &revision,
                 &conn,
@@ -215,7 +217,7 @@ pub fn handle(
                 started,
                 guard.span.as_deref(),
                 slot,
-            );
+            ));
             timeouts.before_first_byte(started, head).await
         };
         let resp = match result {
@@ -275,33 +277,39 @@ type Proxied = (Response<UpstreamBody>, PodPermit, Option<Duration>);
 type ParkedSlot = (bool, Result<PodPermit, ThrottleError>);
 
 /// Waits for a pod with a free slot (unless `parked` already did), then proxies.
-async fn throttle_and_proxy(
-    state: &State,
-    revision: &Revision,
-    conn: &Arc<Connection>,
+///
+/// An `async move` block rather than an `async fn`, which would keep the request twice in
+/// its future.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn throttle_and_proxy<'a>(
+    state: &'a State,
+    revision: &'a Revision,
+    conn: &'a Arc<Connection>,
     req: Request<Incoming>,
     started: Instant,
-    span: Option<&tracing::Span>,
+    span: Option<&'a tracing::Span>,
     parked: Option<ParkedSlot>,
-) -> Result<Proxied, Refused> {
-    let (mut parts, body) = req.into_parts();
-    rewrite_for_pod(&mut parts, conn.client_ip());
-    // With tracing on, the pod's parent is this activator's span; off, the caller's
-    // `traceparent` and `tracestate` pass untouched like any other header.
-    if let Some(span) = span {
-        trace::inject(span, &mut parts.headers);
+) -> impl Future<Output = Result<Proxied, Refused>> + Send + 'a {
+    async move {
+        let (mut parts, body) = req.into_parts();
+        rewrite_for_pod(&mut parts, conn.client_ip());
+        // With tracing on, the pod's parent is this activator's span; off, the caller's
+        // `traceparent` and `tracestate` pass untouched like any other header.
+        if let Some(span) = span {
+            trace::inject(span, &mut parts.headers);
+        }
+        let (permit, cold) = match parked {
+            Some((cold, slot)) => (slot.map_err(Refused::Throttled)?, cold),
+            None => wait_for_slot(state, revision, &mut parts, &body, span).await?,
+        };
+        let cold_wait = cold.then(|| started.elapsed());
+        // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
+        // here, once a pod is found, keeps it out of every parked request: a parked request
+        // holds only its head and its place in the queue.
+        let (resp, permit) =
+            Box::pin(proxy_with_retry(state, revision, conn, parts, body, permit)).await?;
+        Ok((resp, permit, cold_wait))
     }
-    let (permit, cold) = match parked {
-        Some((cold, slot)) => (slot.map_err(Refused::Throttled)?, cold),
-        None => wait_for_slot(state, revision, &mut parts, &body, span).await?,
-    };
-    let cold_wait = cold.then(|| started.elapsed());
-    // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
-    // here, once a pod is found, keeps it out of every parked request: a parked request
-    // holds only its head and its place in the queue.
-    let (resp, permit) =
-        Box::pin(proxy_with_retry(state, revision, conn, parts, body, permit)).await?;
-    Ok((resp, permit, cold_wait))
 }
 
 /// Takes a free slot on one of the revision's pods, waiting in its queue if none is free;

@@ -133,41 +133,45 @@ pub fn handle(
             state.breaker.as_ref()
         };
         let traced = guard.span.as_deref();
-        let head = async {
-            let permit = match breaker {
-                Some(breaker) => {
-                    // Knative's name for the wait in the breaker, a child of the request
-                    // span.
-                    let wait = traced.map(|parent| {
-                        tracing::info_span!(
-                            target: trace::TARGET,
-                            parent: parent,
-                            "kn.queueproxy.wait"
-                        )
-                    });
-                    let acquired = breaker.acquire().await;
-                    drop(wait);
-                    Some(acquired.map_err(Refused::Full)?)
+        // Pinned where it is made: the timeout then holds a pointer to it, where it would
+        // otherwise copy the whole future (the proxy's own state inside) at each layer.
+        let result = {
+            let head = std::pin::pin!(async {
+                let permit = match breaker {
+                    Some(breaker) => {
+                        // Knative's name for the wait in the breaker, a child of the request
+                        // span.
+                        let wait = traced.map(|parent| {
+                            tracing::info_span!(
+                                target: trace::TARGET,
+                                parent: parent,
+                                "kn.queueproxy.wait"
+                            )
+                        });
+                        let acquired = breaker.acquire().await;
+                        drop(wait);
+                        Some(acquired.map_err(Refused::Full)?)
+                    }
+                    None => None,
+                };
+                req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
+                req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
+                // With tracing on, the app's parent is this proxy's span; off, the caller's
+                // `traceparent` and `tracestate` pass untouched like any other header.
+                if let Some(span) = traced {
+                    trace::inject(span, req.headers_mut());
                 }
-                None => None,
-            };
-            req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
-            req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
-            // With tracing on, the app's parent is this proxy's span; off, the caller's
-            // `traceparent` and `tracestate` pass untouched like any other header.
-            if let Some(span) = traced {
-                trace::inject(span, req.headers_mut());
-            }
-            proxy::prepare_request(&mut req, Some(conn.client_ip()));
-            proxy::relay_informational(&mut req, &conn);
-            // The permit rides with the answer; on a timeout it drops with this future.
-            let resp = state
-                .upstream
-                .forward(req.map(Either::Left), &state.upgrades)
-                .await;
-            resp.map(|resp| (resp, permit)).map_err(Refused::Upstream)
+                proxy::prepare_request(&mut req, Some(conn.client_ip()));
+                proxy::relay_informational(&mut req, &conn);
+                // The permit rides with the answer; on a timeout it drops with this future.
+                let resp = state
+                    .upstream
+                    .forward(req.map(Either::Left), &state.upgrades)
+                    .await;
+                resp.map(|resp| (resp, permit)).map_err(Refused::Upstream)
+            });
+            state.timeouts.before_first_byte(started, head).await
         };
-        let result = state.timeouts.before_first_byte(started, head).await;
         let resp = match result {
             Ok(Ok((resp, permit))) => {
                 guard.permit = permit;

@@ -19,6 +19,7 @@
 //! has it sent again on a new one when it is safe to repeat, as Go's transport does.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -166,18 +167,24 @@ impl Pool {
 
     /// Sends `req` to `addr` on a pooled connection, or a new one. The response's body
     /// gives the connection back when it ends.
-    pub async fn send(
+    ///
+    /// An `async move` block rather than an `async fn`, which would keep the request
+    /// twice in its future.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub fn send(
         &self,
         addr: SocketAddr,
         req: Request<OutboundBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        if exchanged_here(&req) {
-            // By reference: moved in, the request would take room twice in the future.
-            return self.exchange(addr, &req).await;
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
+        async move {
+            if exchanged_here(&req) {
+                // By reference: moved in, the request would take room twice in the future.
+                return self.exchange(addr, &req).await;
+            }
+            // Boxed: hyper's client futures would otherwise make every request's future
+            // 1.4 KiB larger, and the stack's future is copied whole into its box.
+            Box::pin(self.send_with_hyper(addr, req)).await
         }
-        // Boxed: hyper's client futures would otherwise make every request's future
-        // 1.4 KiB larger, and the stack's future is copied whole into its box.
-        Box::pin(self.send_with_hyper(addr, req)).await
     }
 
     /// Sends a request with a body, or an upgrade, through hyper's client.

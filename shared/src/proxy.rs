@@ -270,111 +270,143 @@ impl Upstream {
 
     /// Sends a request that [`prepare_request`] already cleaned to the fixed upstream. The
     /// app sees the client's own `Host` / `:authority`.
-    pub async fn forward(
-        &self,
+    pub fn forward<'a>(
+        &'a self,
         req: Request<OutboundBody>,
-        upgrades: &UpgradeTracker,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let Some((addr, authority)) = &self.fixed else {
-            return Err(ProxyError::Connect {
-                addr: unspecified(),
-                reason: "no fixed upstream".into(),
-            });
-        };
-        self.send(*addr, Some(authority), req, upgrades).await
+        upgrades: &'a UpgradeTracker,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+        self.send(Target::Fixed, req, upgrades)
     }
 
     /// Sends a request to `addr`, which also becomes the request's authority (the
     /// activator moved the client's `Host` to `K-Original-Host` already).
-    pub async fn forward_to(
-        &self,
+    pub fn forward_to<'a>(
+        &'a self,
         addr: SocketAddr,
         req: Request<OutboundBody>,
-        upgrades: &UpgradeTracker,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        self.send(addr, None, req, upgrades).await
+        upgrades: &'a UpgradeTracker,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+        self.send(Target::Pod(addr), req, upgrades)
     }
 
     /// Returns the response with its hop-by-hop headers removed. Upgrades are spliced in
     /// the background and tracked by `upgrades`.
-    /// `fixed` is the fixed upstream's authority, which the client's own `Host` wins
-    /// over; without it, `addr` is the request's host.
-    async fn send(
-        &self,
-        addr: SocketAddr,
-        fixed: Option<&Authority>,
+    ///
+    /// A function returning an `async move` block, not an `async fn`: an `async fn` keeps
+    /// its arguments twice in its future (the request alone is 264 bytes), and the
+    /// stack's future is copied whole into its box.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn send<'a>(
+        &'a self,
+        target: Target,
         mut req: Request<OutboundBody>,
-        upgrades: &UpgradeTracker,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
-        let mut resp = if req.version() == Version::HTTP_2 {
-            let authority = fixed.cloned().unwrap_or_else(|| authority_of(addr));
-            set_h2_target(&mut req, authority, fixed.is_none());
-            let resp = self.http2.next().request(req).await.map_err(|e| {
-                let reason = error_chain(&e);
-                if e.is_connect() {
-                    ProxyError::Connect { addr, reason }
-                } else {
-                    classify(addr, &e, reason)
-                }
-            })?;
-            resp.map(UpstreamBody::unpooled)
-        } else {
-            set_h1_target(&mut req, addr, fixed.is_none());
-            self.http1.send(addr, req).await.map_err(|e| match e {
-                SendError::Connect(e) => ProxyError::Connect {
-                    addr,
-                    reason: error_chain(&e),
+        upgrades: &'a UpgradeTracker,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+        async move {
+            // `fixed` is the fixed upstream's authority, which the client's own `Host` wins
+            // over; without it, `addr` is the request's host.
+            let (addr, fixed) = match target {
+                Target::Fixed => match &self.fixed {
+                    Some((addr, authority)) => (*addr, Some(authority)),
+                    None => {
+                        return Err(ProxyError::Connect {
+                            addr: unspecified(),
+                            reason: "no fixed upstream".into(),
+                        })
+                    }
                 },
-                SendError::Http(e) => classify(addr, &e, error_chain(&e)),
-                SendError::Exchange(e) if e.is_lost() => ProxyError::Lost {
+                Target::Pod(addr) => (addr, None),
+            };
+            let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+            let mut resp = if req.version() == Version::HTTP_2 {
+                let authority = fixed.cloned().unwrap_or_else(|| authority_of(addr));
+                set_h2_target(&mut req, authority, fixed.is_none());
+                // Boxed: hyper-util's client future would make every request's future 1.8 KiB
+                // larger, HTTP/1 ones too.
+                Box::pin(self.send_h2(addr, req)).await?
+            } else {
+                set_h1_target(&mut req, addr, fixed.is_none());
+                self.http1.send(addr, req).await.map_err(|e| match e {
+                    SendError::Connect(e) => ProxyError::Connect {
+                        addr,
+                        reason: error_chain(&e),
+                    },
+                    SendError::Http(e) => classify(addr, &e, error_chain(&e)),
+                    SendError::Exchange(e) if e.is_lost() => ProxyError::Lost {
+                        addr,
+                        reason: error_chain(&e),
+                    },
+                    SendError::Exchange(e) => ProxyError::Upstream {
+                        addr,
+                        reason: error_chain(&e),
+                    },
+                })?
+            };
+            // hyper bounds the head only by its read buffer, which can grow past the limit
+            // within one read: hold the app to the size a request head may have.
+            if head_size(resp.headers()) > MAX_HEADER_BYTES {
+                return Err(ProxyError::Upstream {
                     addr,
-                    reason: error_chain(&e),
-                },
-                SendError::Exchange(e) => ProxyError::Upstream {
-                    addr,
-                    reason: error_chain(&e),
-                },
-            })?
-        };
-        // hyper bounds the head only by its read buffer, which can grow past the limit
-        // within one read: hold the app to the size a request head may have.
-        if head_size(resp.headers()) > MAX_HEADER_BYTES {
-            return Err(ProxyError::Upstream {
-                addr,
-                reason: format!("response headers exceed {MAX_HEADER_BYTES} bytes"),
-            });
-        }
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // The connection now belongs to the upgrade, never to the pool.
-            resp.body_mut().forget_connection();
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let tracked = upgrades.track();
-                let (hold, held) = tokio::sync::oneshot::channel();
-                resp.extensions_mut()
-                    .insert(TunnelHold(Arc::new(Mutex::new(Some(hold)))));
-                tokio::spawn(async move {
-                    let _tracked = tracked;
-                    // Whatever the caller holds for the request (its breaker slot, its
-                    // pod permit) lives as long as the tunnel, as in Knative.
-                    let _held = held;
-                    let (Ok(client), Ok(upstream)) =
-                        futures_util::future::join(client_upgrade, upstream_upgrade).await
-                    else {
-                        return;
-                    };
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    // Either side closing or failing ends the tunnel; nothing to report.
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    reason: format!("response headers exceed {MAX_HEADER_BYTES} bytes"),
                 });
             }
-            return Ok(resp);
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // The connection now belongs to the upgrade, never to the pool.
+                resp.body_mut().forget_connection();
+                if let Some(client_upgrade) = client_upgrade {
+                    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                    let tracked = upgrades.track();
+                    let (hold, held) = tokio::sync::oneshot::channel();
+                    resp.extensions_mut()
+                        .insert(TunnelHold(Arc::new(Mutex::new(Some(hold)))));
+                    tokio::spawn(async move {
+                        let _tracked = tracked;
+                        // Whatever the caller holds for the request (its breaker slot, its
+                        // pod permit) lives as long as the tunnel, as in Knative.
+                        let _held = held;
+                        let (Ok(client), Ok(upstream)) =
+                            futures_util::future::join(client_upgrade, upstream_upgrade).await
+                        else {
+                            return;
+                        };
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        // Either side closing or failing ends the tunnel; nothing to report.
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    });
+                }
+                return Ok(resp);
+            }
+            strip_hop_by_hop(resp.headers_mut(), false);
+            Ok(resp)
         }
-        strip_hop_by_hop(resp.headers_mut(), false);
-        Ok(resp)
     }
+
+    /// Sends an h2 request on one of the h2c connections.
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        req: Request<OutboundBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let resp = self.http2.next().request(req).await.map_err(|e| {
+            let reason = error_chain(&e);
+            if e.is_connect() {
+                ProxyError::Connect { addr, reason }
+            } else {
+                classify(addr, &e, reason)
+            }
+        })?;
+        Ok(resp.map(UpstreamBody::unpooled))
+    }
+}
+
+/// Where [`Upstream::send`] sends a request.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// The fixed upstream, under the client's own authority.
+    Fixed,
+    /// A pod, which becomes the request's authority.
+    Pod(SocketAddr),
 }
 
 /// Which [`ProxyError`] a failed exchange is, once a connection was made.
