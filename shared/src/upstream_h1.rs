@@ -251,6 +251,10 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
     let mut headers = HeaderMap::with_capacity(res.headers.len());
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
+    // The framing is read off the lines as they go into the map: looking the names up
+    // afterwards cost three hash probes per answer.
+    let mut transfer_encoding = None;
+    let mut content_length = ContentLength::Absent;
     for h in res.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| ExchangeError::malformed("invalid header name"))?;
@@ -264,6 +268,10 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
             } else if !keep_alive {
                 keep_alive = has_token(&value, b"keep-alive");
             }
+        } else if name == TRANSFER_ENCODING {
+            transfer_encoding = Some(value.clone());
+        } else if name == CONTENT_LENGTH {
+            content_length.add(&value);
         }
         headers.append(name, value);
     }
@@ -278,7 +286,7 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
     let decode =
         if no_body || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Decode::Done
-        } else if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        } else if let Some(te) = &transfer_encoding {
             if version == Version::HTTP_10 {
                 return Err(ExchangeError::malformed(
                     "Transfer-Encoding in an HTTP/1.0 response",
@@ -286,7 +294,7 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
             }
             // Sent with a Content-Length too, the message may be an attempt at response
             // splitting: the body is read as chunked, and the connection not trusted again.
-            if headers.contains_key(CONTENT_LENGTH) {
+            if content_length != ContentLength::Absent {
                 keep_alive = false;
             }
             if last_token_is(te, b"chunked") {
@@ -294,14 +302,15 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
             } else {
                 Decode::Close
             }
-        } else if headers.contains_key(CONTENT_LENGTH) {
-            match content_length(&headers) {
-                Some(0) => Decode::Done,
-                Some(n) => Decode::Length(n),
-                None => return Err(ExchangeError::malformed("invalid Content-Length")),
-            }
         } else {
-            Decode::Close
+            match content_length {
+                ContentLength::Absent => Decode::Close,
+                ContentLength::Valid(0) => Decode::Done,
+                ContentLength::Valid(n) => Decode::Length(n),
+                ContentLength::Invalid => {
+                    return Err(ExchangeError::malformed("invalid Content-Length"))
+                }
+            }
         };
     if decode == Decode::Close {
         keep_alive = false;
@@ -354,23 +363,39 @@ fn last_token_is(value: &HeaderValue, token: &[u8]) -> bool {
         .is_some_and(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// The one length every `Content-Length` value names (RFC 9110 §8.6: a list of equal
-/// values is one value), or `None` if they differ or one is not a number.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut found = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
+/// What an answer's `Content-Length` lines say: one length every value names (RFC 9110
+/// §8.6: a list of equal values is one value), or nothing usable if they differ or one is
+/// not a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContentLength {
+    Absent,
+    Valid(u64),
+    Invalid,
+}
+
+impl ContentLength {
+    fn add(&mut self, value: &HeaderValue) {
         for t in tokens(value) {
-            if t.is_empty() || !t.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let n: u64 = std::str::from_utf8(t).ok()?.parse().ok()?;
-            if found.is_some_and(|f| f != n) {
-                return None;
-            }
-            found = Some(n);
+            *self = match (*self, decimal(t)) {
+                (ContentLength::Invalid, _) | (_, None) => ContentLength::Invalid,
+                (ContentLength::Valid(f), Some(n)) if f != n => ContentLength::Invalid,
+                (_, Some(n)) => ContentLength::Valid(n),
+            };
         }
     }
-    found
+}
+
+/// Digits only, no sign, no overflow.
+fn decimal(t: &[u8]) -> Option<u64> {
+    if t.is_empty() {
+        return None;
+    }
+    t.iter().try_fold(0u64, |n, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
 }
 
 /// A response body read from its connection. Once it has ended, [`H1Body::finished`]
@@ -682,6 +707,18 @@ mod tests {
             ),
             (
                 b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5,\r\n\r\n",
                 "Content-Length",
             ),
             (
