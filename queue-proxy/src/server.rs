@@ -13,7 +13,7 @@ use thaw_shared::breaker::Breaker;
 use thaw_shared::conn::Connection;
 use thaw_shared::drain::{Drainer, UpgradeTracker};
 use thaw_shared::framing;
-use thaw_shared::headers;
+use thaw_shared::headers::{self, Carried};
 use thaw_shared::probe::Prober;
 use thaw_shared::proxy::{self, ProxyError, Upstream};
 use thaw_shared::stats::ConcurrencyRecorder;
@@ -67,6 +67,9 @@ pub fn handle(
         if let Err(err) = framing::check_target(&mut req) {
             return framing::refuse(err);
         }
+        // Which of the contract's headers the request carries, so the layers below look
+        // up only those it has.
+        let carried = Carried::scan(req.headers());
         // 1. Health checks from the kubelet, activator and autoscaler never reach the app.
         if req
             .headers()
@@ -76,8 +79,10 @@ pub fn handle(
             return health_check(&state, &req).await;
         }
         // 2. The ingress prober checks the path through the mesh, not the app.
-        if let Some(resp) = ingress_probe(&state, &req) {
-            return resp;
+        if carried.has(Carried::NETWORK_PROBE) {
+            if let Some(resp) = ingress_probe(&state, &req) {
+                return resp;
+            }
         }
         // 3. Real traffic keeps a draining pod alive until it has been quiet for a while.
         state.drainer.touch();
@@ -99,14 +104,17 @@ pub fn handle(
         let started = Instant::now();
         let version = req.version();
         // 6. Apps that only read `Forwarded` still see where the request came from.
-        proxy::forwarded_shim(req.headers_mut());
+        if carried.has(Carried::FORWARDED_FOR) {
+            proxy::forwarded_shim(req.headers_mut());
+        }
         // 7. Count the arrival before the breaker so the autoscaler sees queued demand
         //    too; kubelet probes forwarded to the app are not demand.
-        let kubelet = req.headers().contains_key(headers::K_KUBELET_PROBE);
-        let proxied = req
-            .headers()
-            .get(headers::K_PROXY_REQUEST)
-            .is_some_and(|v| v.as_bytes() == headers::PROXY_REQUEST_ACTIVATOR.as_bytes());
+        let kubelet = carried.has(Carried::KUBELET_PROBE);
+        let proxied = carried.has(Carried::PROXY_REQUEST)
+            && req
+                .headers()
+                .get(headers::K_PROXY_REQUEST)
+                .is_some_and(|v| v.as_bytes() == headers::PROXY_REQUEST_ACTIVATOR.as_bytes());
         let mut guard = RequestGuard {
             record: Some(state.metrics.start(started)),
             permit: None,
@@ -123,8 +131,10 @@ pub fn handle(
             }
         }
         // 8. The activator moved the client's Host aside; restore it for the app.
-        if let Some(host) = req.headers_mut().remove(headers::K_ORIGINAL_HOST) {
-            req.headers_mut().insert(HOST, host);
+        if carried.has(Carried::ORIGINAL_HOST) {
+            if let Some(host) = req.headers_mut().remove(headers::K_ORIGINAL_HOST) {
+                req.headers_mut().insert(HOST, host);
+            }
         }
         // 9 + 10. Breaker, then the proxy, both under the timeouts.
         let breaker = if kubelet {
@@ -154,8 +164,10 @@ pub fn handle(
                     }
                     None => None,
                 };
-                req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
-                req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
+                if carried.has(Carried::ROUTING) {
+                    req.headers_mut().remove(headers::KNATIVE_SERVING_REVISION);
+                    req.headers_mut().remove(headers::KNATIVE_SERVING_NAMESPACE);
+                }
                 // With tracing on, the app's parent is this proxy's span; off, the caller's
                 // `traceparent` and `tracestate` pass untouched like any other header.
                 if let Some(span) = traced {

@@ -3,7 +3,7 @@
 //! Names are lowercase because `http::HeaderName::from_static` requires it; HTTP header
 //! names are case-insensitive on the wire.
 
-use http::HeaderName;
+use http::{HeaderMap, HeaderName};
 
 /// Set by ingress and by the activator's own probes; its value says which component is asked.
 pub const K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
@@ -32,6 +32,44 @@ pub const THAW_REVISION: HeaderName = HeaderName::from_static("thaw-revision");
 /// The [`THAW_REVISION`] value for a revision.
 pub fn revision_identity(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
+}
+
+/// Which of the contract's request headers a request carries, found in one pass over its
+/// names. A `HeaderMap` lookup hashes the name even when it is absent (a removal cost
+/// about 200 instructions), and most requests carry none of these: the request path asks
+/// here before it looks one up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried(u8);
+
+impl Carried {
+    pub const NETWORK_PROBE: Self = Self(1);
+    pub const KUBELET_PROBE: Self = Self(1 << 1);
+    pub const PROXY_REQUEST: Self = Self(1 << 2);
+    pub const ORIGINAL_HOST: Self = Self(1 << 3);
+    /// `Knative-Serving-Revision` or `Knative-Serving-Namespace`.
+    pub const ROUTING: Self = Self(1 << 4);
+    pub const FORWARDED_FOR: Self = Self(1 << 5);
+
+    pub fn scan(headers: &HeaderMap) -> Self {
+        let mut found = 0;
+        for name in headers.keys() {
+            // Names are stored lowercase, as the constants above spell them.
+            found |= match name.as_str() {
+                "k-network-probe" => Self::NETWORK_PROBE.0,
+                "k-kubelet-probe" => Self::KUBELET_PROBE.0,
+                "k-proxy-request" => Self::PROXY_REQUEST.0,
+                "k-original-host" => Self::ORIGINAL_HOST.0,
+                "knative-serving-revision" | "knative-serving-namespace" => Self::ROUTING.0,
+                "x-forwarded-for" => Self::FORWARDED_FOR.0,
+                _ => 0,
+            };
+        }
+        Self(found)
+    }
+
+    pub fn has(self, which: Self) -> bool {
+        self.0 & which.0 != 0
+    }
 }
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -80,6 +118,26 @@ pub const HOP_BY_HOP: [HeaderName; 7] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carried_names_each_header_it_stands_for() {
+        for (name, flag) in [
+            (K_NETWORK_PROBE, Carried::NETWORK_PROBE),
+            (K_KUBELET_PROBE, Carried::KUBELET_PROBE),
+            (K_PROXY_REQUEST, Carried::PROXY_REQUEST),
+            (K_ORIGINAL_HOST, Carried::ORIGINAL_HOST),
+            (KNATIVE_SERVING_REVISION, Carried::ROUTING),
+            (KNATIVE_SERVING_NAMESPACE, Carried::ROUTING),
+            (X_FORWARDED_FOR, Carried::FORWARDED_FOR),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::HOST, http::HeaderValue::from_static("a"));
+            assert!(!Carried::scan(&headers).has(flag), "{name}");
+            headers.insert(name.clone(), http::HeaderValue::from_static("1"));
+            // Its own flag, and only that.
+            assert_eq!(Carried::scan(&headers), flag, "{name}");
+        }
+    }
 
     #[test]
     fn health_check_user_agents() {
