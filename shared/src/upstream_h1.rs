@@ -253,6 +253,7 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
     let mut saw_close = false;
     // The framing is read off the lines as they go into the map: looking the names up
     // afterwards cost three hash probes per answer.
+    // For the last `Transfer-Encoding` line: whether it ends in `chunked`.
     let mut transfer_encoding = None;
     let mut content_length = ContentLength::Absent;
     for h in res.headers.iter() {
@@ -269,7 +270,7 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
                 keep_alive = has_token(&value, b"keep-alive");
             }
         } else if name == TRANSFER_ENCODING {
-            transfer_encoding = Some(value.clone());
+            transfer_encoding = Some(last_token_is(&value, b"chunked"));
         } else if name == CONTENT_LENGTH {
             content_length.add(&value);
         }
@@ -286,7 +287,7 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
     let decode =
         if no_body || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Decode::Done
-        } else if let Some(te) = &transfer_encoding {
+        } else if let Some(chunked) = transfer_encoding {
             if version == Version::HTTP_10 {
                 return Err(ExchangeError::malformed(
                     "Transfer-Encoding in an HTTP/1.0 response",
@@ -297,7 +298,7 @@ fn parse_head(head: &Bytes, no_body: bool) -> Result<Parsed, ExchangeError> {
             if content_length != ContentLength::Absent {
                 keep_alive = false;
             }
-            if last_token_is(te, b"chunked") {
+            if chunked {
                 Decode::Chunked(Chunk::Size)
             } else {
                 Decode::Close
