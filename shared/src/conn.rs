@@ -191,6 +191,32 @@ impl Connection {
     }
 }
 
+/// What a client speaks on a plain connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// h2c with prior knowledge: the connection opens with HTTP/2's preface.
+    Http2,
+}
+
+/// What an h2c client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl Protocol {
+    /// The protocol a connection opening with `seen` speaks; `None` while `seen` is a
+    /// strict start of HTTP/2's preface (or empty).
+    pub fn of(seen: &[u8]) -> Option<Self> {
+        let n = seen.len().min(H2_PREFACE.len());
+        if seen[..n] != H2_PREFACE[..n] {
+            Some(Self::Http1)
+        } else if n == H2_PREFACE.len() {
+            Some(Self::Http2)
+        } else {
+            None
+        }
+    }
+}
+
 /// A TCP connection as hyper drives it, with the limits described in the module docs.
 pub struct ConnIo {
     stream: Arc<TcpStream>,
@@ -244,6 +270,58 @@ impl ConnIo {
             stalled: false,
         };
         (io, conn)
+    }
+
+    /// Which protocol the client speaks, from its first bytes; fails once the
+    /// read-header timeout passes without them.
+    ///
+    /// The bytes are peeked, not read, so the HTTP/1 server's first read takes the whole
+    /// head. hyper-util's detection read the first 24 bytes and handed them over alone;
+    /// hyper then grew its 8 KiB read buffer to 16 KiB to read the rest, on every
+    /// connection, and 10 000 idle connections held 80 MiB more.
+    pub async fn protocol(&mut self) -> io::Result<Protocol> {
+        std::future::poll_fn(|cx| self.poll_protocol(cx)).await
+    }
+
+    fn poll_protocol(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Protocol>> {
+        let mut seen = [0u8; H2_PREFACE.len()];
+        loop {
+            if let Some(protocol) = Protocol::of(&self.prefix) {
+                return Poll::Ready(Ok(protocol));
+            }
+            self.poll_first_request(cx)?;
+            if self.prefix.is_empty() {
+                let mut peeked = ReadBuf::new(&mut seen);
+                ready!(self.stream.poll_peek(cx, &mut peeked))?;
+                match peeked.filled() {
+                    // The client left: the HTTP/1 server sees the end and closes.
+                    [] => return Poll::Ready(Ok(Protocol::Http1)),
+                    filled => {
+                        if let Some(protocol) = Protocol::of(filled) {
+                            return Poll::Ready(Ok(protocol));
+                        }
+                    }
+                }
+            }
+            // A strict start of the preface: peeking again would find the same bytes at
+            // once, so they are read, and served before the socket's own.
+            let want = H2_PREFACE.len() - self.prefix.len();
+            let n = loop {
+                ready!(self.stream.poll_read_ready(cx))?;
+                match self.stream.try_read(&mut seen[..want]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            };
+            if n == 0 {
+                return Poll::Ready(Ok(Protocol::Http1));
+            }
+            let mut read = Vec::with_capacity(self.prefix.len() + n);
+            read.extend_from_slice(&self.prefix);
+            read.extend_from_slice(&seen[..n]);
+            self.prefix = Bytes::from(read);
+        }
     }
 
     /// Fails once the connection has gone the read-header timeout without a request.
@@ -481,6 +559,64 @@ mod tests {
         conn.set_admission(Box::new(7u32));
         assert_eq!(conn.take_admission::<u32>().as_deref(), Some(&7));
         assert!(conn.take_admission::<u32>().is_none(), "taken once");
+    }
+
+    #[test]
+    fn the_protocol_is_told_by_the_first_bytes() {
+        assert_eq!(Protocol::of(b""), None);
+        assert_eq!(Protocol::of(b"PRI * HTTP/2"), None);
+        assert_eq!(Protocol::of(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(
+            Protocol::of(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"),
+            Some(Protocol::Http2)
+        );
+        assert_eq!(Protocol::of(b"G"), Some(Protocol::Http1));
+        assert_eq!(Protocol::of(b"PUT / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(Protocol::of(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+    }
+
+    #[tokio::test]
+    async fn an_http1_head_is_peeked_and_left_whole_for_the_server() {
+        let (mut io, _conn, mut client) = pair(Duration::from_secs(60)).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(io.protocol().await.unwrap(), Protocol::Http1);
+        let mut buf = [0u8; 64];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"GET / HTTP/1.1\r\nhost: a\r\n\r\n",
+            "one read, whole"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_preface_sent_in_pieces_is_read_and_served_first() {
+        let (mut io, _conn, mut client) = pair(Duration::from_secs(60)).await;
+        let (first, rest) = H2_PREFACE.split_at(5);
+        client.write_all(first).await.unwrap();
+        let sniff = tokio::spawn(async move {
+            let protocol = io.protocol().await.unwrap();
+            (protocol, io)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(rest).await.unwrap();
+        client.write_all(b"frames").await.unwrap();
+        drop(client);
+        let (protocol, mut io) = sniff.await.unwrap();
+        assert_eq!(protocol, Protocol::Http2);
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, [H2_PREFACE, b"frames"].concat());
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_has_no_protocol() {
+        let (mut io, _conn, _client) = pair(Duration::from_millis(50)).await;
+        let err = io.protocol().await.unwrap_err();
+        assert_eq!(err.to_string(), NO_REQUEST);
     }
 
     #[tokio::test]

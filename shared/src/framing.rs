@@ -1,4 +1,5 @@
-//! Where a request says it is going, checked before anything else reads it.
+//! Where a request says it is going, and how large its head is, checked before anything
+//! else reads it.
 //!
 //! hyper parses the message, but leaves the `Host` rules of RFC 9110 §7.2 and RFC 9112
 //! §3.2 to the application. A proxy that skips them forwards requests whose
@@ -12,10 +13,15 @@ use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 
 use crate::body::{text, ResponseBody};
+use crate::serve::MAX_HEADER_BYTES;
 
-/// Why a request's target is refused. Each is answered with `400` and this text.
+/// Why a request is refused. Each is answered with `400` and this text, but a head too
+/// large with `431`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FramingError {
+    /// Go's text for its `431`.
+    #[error("431 Request Header Fields Too Large")]
+    HeadTooLarge,
     #[error("too many Host headers")]
     DuplicateHost,
     #[error("missing required Host header")]
@@ -27,7 +33,14 @@ pub enum FramingError {
 /// Checks the request's `Host` and, for an absolute-form target, makes `Host` name the
 /// target's authority, as RFC 9112 §3.2.2 says a server must. Only headers change: where
 /// a request is sent stays the proxy's choice.
+///
+/// An HTTP/1 head over [`MAX_HEADER_BYTES`] is refused too. hyper refuses one only while
+/// it is still incomplete in its read buffer; a head that arrives whole in a large read
+/// gets past it.
 pub fn check_target<B>(req: &mut Request<B>) -> Result<(), FramingError> {
+    if req.version() != Version::HTTP_2 && head_len_at_least(req) > MAX_HEADER_BYTES {
+        return Err(FramingError::HeadTooLarge);
+    }
     let mut hosts = req.headers().get_all(HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -56,6 +69,20 @@ pub fn check_target<B>(req: &mut Request<B>) -> Result<(), FramingError> {
     Ok(())
 }
 
+/// The fewest bytes the request's HTTP/1 head can have taken on the wire: its target, and
+/// each header line without spaces around the value. What it took is at most a few
+/// bytes more per line (spaces, a `\r` before each `\n`).
+fn head_len_at_least<B>(req: &Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let lines: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 2)
+        .sum();
+    // "GET " + target + " HTTP/1.1\n" ... "\n"
+    req.method().as_str().len() + target + lines + 12
+}
+
 /// A `Host` is empty (allowed when the target has no authority) or a bare `host[:port]`:
 /// no user info, a numeric port, nothing an authority parser would not accept.
 fn valid_host(host: &HeaderValue) -> bool {
@@ -76,7 +103,11 @@ fn valid_host(host: &HeaderValue) -> bool {
 /// The `400` for a refused target. The connection closes after it: once a client has sent
 /// an ambiguous request, what follows on that connection cannot be trusted either.
 pub fn refuse<G>(err: FramingError) -> Response<ResponseBody<G>> {
-    let mut resp = text(StatusCode::BAD_REQUEST, err.to_string());
+    let status = match err {
+        FramingError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut resp = text(status, err.to_string());
     resp.headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
     resp
@@ -145,6 +176,33 @@ mod tests {
         // h2 carries no Host at all, normally.
         let mut r = req(Version::HTTP_2, "http://a.example/", &[]);
         assert_eq!(check_target(&mut r), Ok(()));
+    }
+
+    #[test]
+    fn an_http1_head_over_the_limit_is_refused_with_431() {
+        let target = format!("/{}", "p".repeat(1000));
+        let mut under = req(Version::HTTP_11, &target, &["a"]);
+        let value = "v".repeat(MAX_HEADER_BYTES - 1100);
+        under.headers_mut().insert("x-big", value.parse().unwrap());
+        assert_eq!(check_target(&mut under), Ok(()));
+        let mut over = under.clone();
+        let value = "v".repeat(MAX_HEADER_BYTES);
+        over.headers_mut().insert("x-big", value.parse().unwrap());
+        assert_eq!(check_target(&mut over), Err(FramingError::HeadTooLarge));
+        // Many lines count as much as one long one; repeated names count each time.
+        let mut lines = req(Version::HTTP_11, "/", &["a"]);
+        for _ in 0..100 {
+            lines
+                .headers_mut()
+                .append("x-many", "v".repeat(700).parse().unwrap());
+        }
+        assert_eq!(check_target(&mut lines), Err(FramingError::HeadTooLarge));
+        let resp: Response<ResponseBody<()>> = refuse(FramingError::HeadTooLarge);
+        assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        // HTTP/2's header list is limited by the h2 server itself.
+        let mut h2 = req(Version::HTTP_2, "http://a/", &[]);
+        h2.headers_mut().insert("x-big", value.parse().unwrap());
+        assert_eq!(check_target(&mut h2), Ok(()));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::any::Any;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -15,13 +15,13 @@ use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::conn::{ConnIo, Connection};
+use crate::conn::{ConnIo, Connection, Protocol};
 use crate::tls::CertReloader;
 
 /// Largest request head accepted; beyond it the client gets `431`. Responses from the
@@ -38,20 +38,25 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// default.
 pub const MAX_HEADERS: usize = 256;
 
-/// The HTTP/1.1 + h2c server settings shared by every listener.
-pub fn http_builder(read_header_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1.1 and HTTP/2 server settings shared by every listener. Which of the two
+/// serves a connection is decided before either sees it: by ALPN under TLS, as Go's
+/// server decides, and on a plain connection by its first bytes ([`ConnIo::protocol`]).
+pub struct Http {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// The server settings of every listener: see [`Http`].
+pub fn http_builder(read_header_timeout: Duration) -> Http {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(read_header_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
-    builder
+    Http { h1, h2 }
 }
 
 /// Where a listener's connections come from.
@@ -102,7 +107,7 @@ impl BeforeHyper for Direct {
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     transport: Transport,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
     read_header_timeout: Duration,
     stop: watch::Receiver<bool>,
     handler: F,
@@ -115,7 +120,7 @@ pub async fn serve<F, Fut, B>(
     serve_with::<F, Fut, B, Direct>(
         listener,
         transport,
-        builder,
+        http,
         read_header_timeout,
         stop,
         handler,
@@ -128,7 +133,7 @@ pub async fn serve<F, Fut, B>(
 pub async fn serve_with<F, Fut, B, P>(
     listener: TcpListener,
     transport: Transport,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
     read_header_timeout: Duration,
     mut stop: watch::Receiver<bool>,
     handler: F,
@@ -140,6 +145,8 @@ pub async fn serve_with<F, Fut, B, P>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     P: BeforeHyper,
 {
+    // Counts the open connections: each task holds a watcher until its connection ends,
+    // and the drain waits for the last one.
     let graceful = GracefulShutdown::new();
     let mut backoff = AcceptBackoff::default();
     loop {
@@ -159,45 +166,43 @@ pub async fn serve_with<F, Fut, B, P>(
             }
         };
         let _ = stream.set_nodelay(true);
+        let (http, handler, stop) = (Arc::clone(&http), handler.clone(), stop.clone());
+        let watcher = graceful.watcher();
         match (&transport, &before) {
             (Transport::Plain, Some(before)) => {
                 let before = Arc::clone(before);
-                let (builder, handler) = (Arc::clone(&builder), handler.clone());
-                // Held while the connection waits above hyper, so the drain waits for it.
-                let watcher = graceful.watcher();
-                let stop = stop.clone();
                 tokio::spawn(async move {
                     let Some(handoff) = before.run(stream, peer).await else {
                         return;
                     };
                     // Boxed: a connection still waiting above holds only its own state.
-                    Box::pin(serve_handed_off(
+                    Box::pin(serve_plain(
                         handoff,
                         peer,
-                        builder,
+                        &http,
                         read_header_timeout,
                         stop,
-                        watcher,
                         handler,
                     ))
                     .await;
+                    drop(watcher);
                 });
             }
             (Transport::Plain, None) => {
-                let (io, conn) =
-                    ConnIo::new(stream, client_ip_header(peer), read_header_timeout, true);
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service(conn, &handler))
-                    .into_owned();
-                tokio::spawn(graceful.watch(conn));
+                let handoff = Handoff {
+                    stream,
+                    read: Bytes::new(),
+                    admission: None,
+                };
+                tokio::spawn(async move {
+                    serve_plain(handoff, peer, &http, read_header_timeout, stop, handler).await;
+                    drop(watcher);
+                });
             }
             (Transport::Tls(certs), _) => {
                 let (io, conn) =
                     ConnIo::new(stream, client_ip_header(peer), read_header_timeout, false);
-                let service = service(conn, &handler);
                 let acceptor = certs.acceptor();
-                let builder = Arc::clone(&builder);
-                let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let tls = match acceptor.accept(io).await {
                         Ok(tls) => tls,
@@ -206,10 +211,14 @@ pub async fn serve_with<F, Fut, B, P>(
                             return;
                         }
                     };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .into_owned();
-                    let _ = watcher.watch(conn).await;
+                    let protocol = match tls.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    let service = service(conn, &handler);
+                    serve_protocol(&http, protocol, TokioIo::new(tls), service, stop, || true)
+                        .await;
+                    drop(watcher);
                 });
             }
         }
@@ -249,17 +258,18 @@ where
     })
 }
 
-/// Serves a connection [`BeforeHyper`] handed on. At the drain, hyper's own graceful
-/// shutdown would close a connection that has not parsed a request yet, and this one's
-/// first request may still sit unparsed in what was read: so the shutdown is asked for
-/// only once that request has arrived.
-async fn serve_handed_off<F, Fut, B>(
+/// Serves a plain connection, with what was read from it before (see [`BeforeHyper`]).
+///
+/// At the drain, hyper's graceful shutdown closes a connection that has not parsed a
+/// request yet. A connection handed on with bytes already read may hold its first
+/// request unparsed in them, so for such a one the shutdown is asked for only once that
+/// request has arrived.
+async fn serve_plain<F, Fut, B>(
     handoff: Handoff,
     peer: SocketAddr,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    http: &Http,
     read_header_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-    watcher: Watcher,
+    stop: watch::Receiver<bool>,
     handler: F,
 ) where
     F: Fn(&Arc<Connection>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -267,7 +277,8 @@ async fn serve_handed_off<F, Fut, B>(
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (io, conn) = ConnIo::with_prefix(
+    let holds_request = !handoff.read.is_empty();
+    let (mut io, conn) = ConnIo::with_prefix(
         handoff.stream,
         handoff.read,
         client_ip_header(peer),
@@ -277,27 +288,111 @@ async fn serve_handed_off<F, Fut, B>(
     if let Some(admission) = handoff.admission {
         conn.set_admission(admission);
     }
-    let mut served = pin!(builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service(Arc::clone(&conn), &handler)));
+    let protocol = match io.protocol().await {
+        Ok(protocol) => protocol,
+        Err(e) => {
+            tracing::debug!(error = %e, %peer, "connection closed before its first request");
+            return;
+        }
+    };
+    let service = service(Arc::clone(&conn), &handler);
+    let may_stop = || !holds_request || conn.request_seen();
+    serve_protocol(http, protocol, TokioIo::new(io), service, stop, may_stop).await;
+}
+
+/// Serves one connection with `protocol` until it ends. Once `stop` turns true and
+/// `may_stop` allows it, the connection is asked to finish its in-flight requests and
+/// close.
+async fn serve_protocol<I, S, B>(
+    http: &Http,
+    protocol: Protocol,
+    io: I,
+    service: S,
+    stop: watch::Receiver<bool>,
+    may_stop: impl Fn() -> bool,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match protocol {
+        Protocol::Http1 => {
+            let conn = http.h1.serve_connection(io, service).with_upgrades();
+            until_done(conn, stop, may_stop).await;
+        }
+        // Boxed: an HTTP/1 connection's task then holds no room for HTTP/2's state.
+        Protocol::Http2 => {
+            let conn = http.h2.serve_connection(io, service);
+            Box::pin(until_done(conn, stop, may_stop)).await;
+        }
+    }
+}
+
+/// A hyper server connection that can be asked to finish its in-flight requests and
+/// close. (hyper-util's `GracefulConnection` is sealed, and leaves out HTTP/1 with
+/// upgrades.)
+trait Graceful: Future {
+    fn finish(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Drives `conn` to its end, asking it to finish once `stop` turns true and `may_stop`
+/// allows it. A connection's error (a client gone, a malformed request) ends only it;
+/// hyper has already answered what could be answered.
+async fn until_done<C: Graceful>(
+    conn: C,
+    mut stop: watch::Receiver<bool>,
+    may_stop: impl Fn() -> bool,
+) {
+    let mut conn = pin!(conn);
     let mut stopping = pin!(stop.wait_for(|s| *s));
     let (mut stop_seen, mut asked) = (false, false);
     poll_fn(|cx| loop {
         if !stop_seen && stopping.as_mut().poll(cx).is_ready() {
             stop_seen = true;
         }
-        if stop_seen && !asked && conn.request_seen() {
-            served.as_mut().graceful_shutdown();
+        if stop_seen && !asked && may_stop() {
+            conn.as_mut().finish();
             asked = true;
         }
-        match served.as_mut().poll(cx) {
+        match conn.as_mut().poll(cx) {
             // The first request arrived during that poll: ask for the shutdown now.
-            Poll::Pending if stop_seen && !asked && conn.request_seen() => continue,
+            Poll::Pending if stop_seen && !asked && may_stop() => continue,
             Poll::Pending => return Poll::Pending,
             Poll::Ready(_) => return Poll::Ready(()),
         }
     })
     .await;
-    drop(watcher);
 }
 
 /// The pause after a failed `accept`, as Go's server makes it: 5 ms, doubling to 1 s
