@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
 use http::{HeaderMap, HeaderValue, Uri};
-use thaw_shared::headers::{KNATIVE_SERVING_NAMESPACE, KNATIVE_SERVING_REVISION};
+use thaw_shared::headers::{Carried, KNATIVE_SERVING_NAMESPACE, KNATIVE_SERVING_REVISION};
 use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::Timeouts;
 
@@ -154,15 +154,19 @@ impl Registry {
     /// CONTRACT §2.1: the `Knative-Serving-Revision` and `-Namespace` headers; if either
     /// is empty, a `Host` of the form `<revision>.<namespace>.svc.<cluster-domain>`; then
     /// the hosts platforms declare.
+    /// `carried` says whether the request has any routing header to look up.
     pub fn identify(
         &self,
         headers: &HeaderMap,
+        carried: Carried,
         uri: &Uri,
         cluster_domain: &str,
     ) -> Option<Arc<Revision>> {
+        let routed = carried.has(Carried::ROUTING);
         let header = |name| {
-            headers
-                .get(name)
+            routed
+                .then(|| headers.get(name))
+                .flatten()
                 .and_then(|v: &HeaderValue| v.to_str().ok())
                 .filter(|v| !v.is_empty())
         };
@@ -373,7 +377,8 @@ mod tests {
     fn by_host(r: &Registry, host: &str) -> Option<Arc<Revision>> {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::HOST, HeaderValue::from_str(host).unwrap());
-        r.identify(&headers, &Uri::from_static("/"), "cluster.local")
+        let carried = Carried::scan(&headers);
+        r.identify(&headers, carried, &Uri::from_static("/"), "cluster.local")
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use thaw_shared::conn::Connection;
 use thaw_shared::drain::UpgradeTracker;
 use thaw_shared::framing;
-use thaw_shared::headers;
+use thaw_shared::headers::{self, Carried};
 use thaw_shared::proxy::{self, ProxyError, Upstream, UpstreamBody};
 use thaw_shared::stats::InFlight;
 use thaw_shared::timeout::TimedOut;
@@ -124,21 +124,28 @@ pub fn handle(
         if let Err(err) = framing::check_target(&mut req) {
             return framing::refuse(err);
         }
+        // Which of the contract's headers the request carries, so the layers below look
+        // up only those it has.
+        let carried = Carried::scan(req.headers());
         // 1. Kubelet probes ask whether this activator can take traffic at all.
-        if is_kubelet_probe(&req) {
+        if is_kubelet_probe(&req, carried) {
             return readiness(&state);
         }
         // 2 + 3. Network probes from the ingress and the autoscaler are answered here.
-        if let Some(probe) = req.headers().get(headers::K_NETWORK_PROBE) {
-            return network_probe(&state, probe, &req);
+        if carried.has(Carried::NETWORK_PROBE) {
+            if let Some(probe) = req.headers().get(headers::K_NETWORK_PROBE) {
+                return network_probe(&state, probe, &req);
+            }
         }
         // 4. Which revision: unknown ones are 404.
         let revision = match &admission {
             Some(parked) => Arc::clone(&parked.revision),
-            None => match state
-                .registry
-                .identify(req.headers(), req.uri(), &state.cluster_domain)
-            {
+            None => match state.registry.identify(
+                req.headers(),
+                carried,
+                req.uri(),
+                &state.cluster_domain,
+            ) {
                 Some(revision) => revision,
                 None => return text(StatusCode::NOT_FOUND, "unknown revision"),
             },
@@ -207,6 +214,7 @@ pub fn handle(
         let result = if timed_out {
             Err(TimedOut)
         } else {
+            rewrite_for_pod(&mut req, conn.client_ip(), carried);
             // Pinned where it is made: the timeout then holds a pointer to it, where it
             // would otherwise copy the whole future at each layer.
             let head = std::pin::pin!(throttle_and_proxy(
@@ -292,7 +300,6 @@ fn throttle_and_proxy<'a>(
 ) -> impl Future<Output = Result<Proxied, Refused>> + Send + 'a {
     async move {
         let (mut parts, body) = req.into_parts();
-        rewrite_for_pod(&mut parts, conn.client_ip());
         // With tracing on, the pod's parent is this activator's span; off, the caller's
         // `traceparent` and `tracestate` pass untouched like any other header.
         if let Some(span) = span {
@@ -418,14 +425,14 @@ async fn proxy_with_retry(
 
 /// CONTRACT §2.2 outbound rules: `Host` moves to `K-Original-Host`, the request is marked
 /// as coming from the activator, Knative routing and hop-by-hop headers go.
-fn rewrite_for_pod(parts: &mut Parts, client_ip: &HeaderValue) {
-    let headers = &mut parts.headers;
-    let host = headers.remove(HOST).or_else(|| {
-        parts
-            .uri
+fn rewrite_for_pod<B>(req: &mut Request<B>, client_ip: &HeaderValue, carried: Carried) {
+    let host = req.headers_mut().remove(HOST).or_else(|| {
+        req.uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
+    let version = req.version();
+    let headers = req.headers_mut();
     if let Some(host) = host {
         headers.insert(headers::K_ORIGINAL_HOST, host);
     }
@@ -433,20 +440,28 @@ fn rewrite_for_pod(parts: &mut Parts, client_ip: &HeaderValue) {
         headers::K_PROXY_REQUEST,
         HeaderValue::from_static(headers::PROXY_REQUEST_ACTIVATOR),
     );
-    let knative: Vec<_> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("knative-serving-"))
-        .cloned()
-        .collect();
-    for k in knative {
-        headers.remove(k);
+    if carried.has(Carried::ROUTING) {
+        let knative: Vec<_> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("knative-serving-"))
+            .cloned()
+            .collect();
+        for k in knative {
+            headers.remove(k);
+        }
     }
     // Kubelet probes reach the queue-proxy directly; one arriving here came from a
     // client, and would let it past the pod's breaker. [beyond]: Knative forwards it.
-    headers.remove(headers::K_KUBELET_PROBE);
-    let upgrade = proxy::is_upgrade(parts.version, &parts.headers);
-    proxy::strip_hop_by_hop(&mut parts.headers, upgrade);
-    proxy::append_forwarded_for(&mut parts.headers, client_ip);
+    if carried.has(Carried::KUBELET_PROBE) {
+        headers.remove(headers::K_KUBELET_PROBE);
+    }
+    let upgrade = proxy::is_upgrade(version, headers);
+    proxy::strip_hop_by_hop(headers, upgrade);
+    if carried.has(Carried::FORWARDED_FOR) {
+        proxy::append_forwarded_for(headers, client_ip);
+    } else {
+        headers.insert(headers::X_FORWARDED_FOR, client_ip.clone());
+    }
 }
 
 /// Copies the request head out of the server's read buffer. hyper parses header values
@@ -488,8 +503,8 @@ fn body_cost(parts: &Parts, body: &Incoming) -> u64 {
         .map_or(CHUNKED_BODY_COST, |n| n.min(CHUNKED_BODY_COST))
 }
 
-fn is_kubelet_probe<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(headers::K_KUBELET_PROBE)
+fn is_kubelet_probe<B>(req: &Request<B>, carried: Carried) -> bool {
+    carried.has(Carried::KUBELET_PROBE)
         || req.headers().get(USER_AGENT).is_some_and(|ua| {
             ua.as_bytes()
                 .starts_with(headers::KUBE_PROBE_UA_PREFIX.as_bytes())
@@ -588,9 +603,10 @@ mod tests {
             .header("x-kept", "1")
             .body(())
             .unwrap();
-        let (mut parts, ()) = req.into_parts();
-        rewrite_for_pod(&mut parts, &HeaderValue::from_static("10.0.0.7"));
-        let h = &parts.headers;
+        let mut req = req;
+        let carried = Carried::scan(req.headers());
+        rewrite_for_pod(&mut req, &HeaderValue::from_static("10.0.0.7"), carried);
+        let h = req.headers();
         assert_eq!(h[headers::K_ORIGINAL_HOST], "hello.local");
         assert_eq!(h[headers::K_PROXY_REQUEST], "activator");
         assert_eq!(h[headers::X_FORWARDED_FOR], "10.0.0.7");

@@ -46,7 +46,8 @@ impl Carried {
     pub const KUBELET_PROBE: Self = Self(1 << 1);
     pub const PROXY_REQUEST: Self = Self(1 << 2);
     pub const ORIGINAL_HOST: Self = Self(1 << 3);
-    /// `Knative-Serving-Revision` or `Knative-Serving-Namespace`.
+    /// A `Knative-Serving-*` header: `-Revision` and `-Namespace` route a request, and the
+    /// activator strips them all before a pod.
     pub const ROUTING: Self = Self(1 << 4);
     pub const FORWARDED_FOR: Self = Self(1 << 5);
 
@@ -59,8 +60,8 @@ impl Carried {
                 "k-kubelet-probe" => Self::KUBELET_PROBE.0,
                 "k-proxy-request" => Self::PROXY_REQUEST.0,
                 "k-original-host" => Self::ORIGINAL_HOST.0,
-                "knative-serving-revision" | "knative-serving-namespace" => Self::ROUTING.0,
                 "x-forwarded-for" => Self::FORWARDED_FOR.0,
+                other if other.starts_with("knative-serving-") => Self::ROUTING.0,
                 _ => 0,
             };
         }
@@ -128,11 +129,19 @@ mod tests {
             (K_ORIGINAL_HOST, Carried::ORIGINAL_HOST),
             (KNATIVE_SERVING_REVISION, Carried::ROUTING),
             (KNATIVE_SERVING_NAMESPACE, Carried::ROUTING),
+            (
+                HeaderName::from_static("knative-serving-anything"),
+                Carried::ROUTING,
+            ),
             (X_FORWARDED_FOR, Carried::FORWARDED_FOR),
+            (
+                HeaderName::from_static("knative-serving"),
+                Carried::default(),
+            ),
         ] {
             let mut headers = HeaderMap::new();
             headers.insert(http::header::HOST, http::HeaderValue::from_static("a"));
-            assert!(!Carried::scan(&headers).has(flag), "{name}");
+            assert_eq!(Carried::scan(&headers), Carried::default(), "{name}");
             headers.insert(name.clone(), http::HeaderValue::from_static("1"));
             // Its own flag, and only that.
             assert_eq!(Carried::scan(&headers), flag, "{name}");
