@@ -288,12 +288,20 @@ async fn serve_plain<F, Fut, B>(
     if let Some(admission) = handoff.admission {
         conn.set_admission(admission);
     }
-    let protocol = match io.protocol().await {
-        Ok(protocol) => protocol,
-        Err(e) => {
-            tracing::debug!(error = %e, %peer, "connection closed before its first request");
-            return;
-        }
+    // A connection that has sent nothing when the drain starts is closed then, as
+    // hyper closes an idle one, rather than holding the drain for the read-header
+    // timeout.
+    let mut draining = stop.clone();
+    let protocol = tokio::select! {
+        biased;
+        sniffed = io.protocol() => match sniffed {
+            Ok(protocol) => protocol,
+            Err(e) => {
+                tracing::debug!(error = %e, %peer, "connection closed before its first request");
+                return;
+            }
+        },
+        _ = draining.wait_for(|s| *s), if !holds_request => return,
     };
     let service = service(Arc::clone(&conn), &handler);
     let may_stop = || !holds_request || conn.request_seen();
@@ -462,5 +470,76 @@ pub async fn finish_traffic(
             open = upgrades.open(),
             "upgraded connections still open after the grace period"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `serve` on a loopback port with a 60 s read-header timeout, answering `ok`.
+    async fn start() -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let timeout = Duration::from_secs(60);
+        let server = tokio::spawn(serve(
+            listener,
+            Transport::Plain,
+            Arc::new(http_builder(timeout)),
+            timeout,
+            stopped,
+            |_: &Arc<Connection>, _: Request<Incoming>| async {
+                Response::new(Full::new(Bytes::from_static(b"ok")))
+            },
+        ));
+        (addr, stop, server)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sent_nothing_does_not_hold_the_drain() {
+        let (addr, stop, server) = start().await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        // The connection is being served (its task is waiting for a first byte).
+        let mut served = TcpStream::connect(addr).await.unwrap();
+        served
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = served.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the drain waited for the silent connection")
+            .unwrap();
+        assert_eq!(silent.read(&mut buf).await.unwrap(), 0, "closed");
+    }
+
+    #[tokio::test]
+    async fn http1_and_h2c_are_both_served_on_one_port() {
+        let (addr, _stop, _server) = start().await;
+        let mut h1 = TcpStream::connect(addr).await.unwrap();
+        h1.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        h1.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"ok"));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://a/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), http::StatusCode::OK);
     }
 }
