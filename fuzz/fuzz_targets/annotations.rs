@@ -26,6 +26,7 @@ use thaw_activator::revision::{RevisionId, RevisionSpec};
 use thaw_queue_proxy::config::{self as qp, Config};
 use thaw_queue_proxy::inject::SidecarConfig;
 use thaw_shared::annotations::{FunctionSettings, ALL};
+use thaw_shared::headers::Carried;
 use thaw_shared::limits::{MAX_CONTAINER_CONCURRENCY, MAX_SECONDS};
 use thaw_shared::names::is_dns1035_label;
 use thaw_shared::timeout::Timeouts;
@@ -154,7 +155,12 @@ fuzz_target!(|data: &[u8]| {
         let value =
             HeaderValue::from_str(h).unwrap_or_else(|_| panic!("host {h:?} is no Host value"));
         headers.insert(http::header::HOST, value);
-        let got = registry.identify(&headers, &Uri::from_static("/"), "cluster.local");
+        let got = registry.identify(
+            &headers,
+            Carried::scan(&headers),
+            &Uri::from_static("/"),
+            "cluster.local",
+        );
         assert_eq!(
             got.map(|r| r.spec.id.clone()),
             Some(id.clone()),

@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
 use thaw_activator::platform::PlatformUpdate;
 use thaw_activator::revision::{RevisionId, RevisionSpec};
-use thaw_shared::headers::{KNATIVE_SERVING_NAMESPACE, KNATIVE_SERVING_REVISION};
+use thaw_shared::headers::{Carried, KNATIVE_SERVING_NAMESPACE, KNATIVE_SERVING_REVISION};
 use thaw_shared::timeout::Timeouts;
 
 struct Input {
@@ -106,7 +106,12 @@ fuzz_target!(|data: &[u8]| {
         }));
     }
     let got = registry
-        .identify(&input.headers, &input.uri, &input.domain)
+        .identify(
+            &input.headers,
+            Carried::scan(&input.headers),
+            &input.uri,
+            &input.domain,
+        )
         .map(|r| r.spec.clone());
 
     let header = |name| {

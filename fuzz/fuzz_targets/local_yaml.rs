@@ -22,6 +22,7 @@ use libfuzzer_sys::fuzz_target;
 use thaw_activator::platform::local::config::{LocalConfig, PodSource};
 use thaw_activator::platform::PlatformUpdate;
 use thaw_queue_proxy::config::{self as qp, Config};
+use thaw_shared::headers::Carried;
 use thaw_shared::limits::{MAX_CONTAINER_CONCURRENCY, MAX_DURATION};
 use thaw_shared::names::{is_dns1035_label, is_dns1123_label};
 use thaw_shared::probe::{parse_probes, ProbeHandler};
@@ -118,7 +119,12 @@ fuzz_target!(|data: &[u8]| {
     let identify = |host: &str| {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::HOST, HeaderValue::from_str(host).ok()?);
-        registry.identify(&headers, &Uri::from_static("/"), "cluster.local")
+        registry.identify(
+            &headers,
+            Carried::scan(&headers),
+            &Uri::from_static("/"),
+            "cluster.local",
+        )
     };
     for r in &config.revisions {
         let id = &r.spec.id;
