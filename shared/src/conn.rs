@@ -1,10 +1,11 @@
 //! One accepted connection: the IO hyper reads and writes, and what a handler knows of it.
 //!
 //! hyper leaves three things to the IO it is given, and a proxy needs all three:
-//! - **A connection that sends nothing is never closed.** hyper-util's HTTP/1-or-2
-//!   detection waits for the first bytes before hyper's own header timer starts, so a
-//!   silent connection holds its file descriptor forever. [`ConnIo`] closes a connection
-//!   on which no request has arrived within the read-header timeout.
+//! - **A connection that sends nothing is never closed.** The HTTP/1-or-2 detection
+//!   ([`ConnIo::protocol`]) waits for the first bytes before hyper's own header timer
+//!   starts, and an HTTP/2 connection has no header timer, so a silent connection would
+//!   hold its file descriptor forever. [`ConnIo`] closes a connection on which no
+//!   request has arrived within the read-header timeout.
 //! - **A client that stops reading holds its response forever.** hyper stops polling a
 //!   response body while its write is blocked, so the body's timeouts never fire and the
 //!   request keeps its breaker slot or pod permit. [`ConnIo`] fails the blocked write once
