@@ -290,6 +290,19 @@ impl Drop for TempDir {
     }
 }
 
+/// A TLS connection to `addr` as `localhost`, with `config`'s roots and ALPN offer.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    config: &rustls::ClientConfig,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config.clone()))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
 #[tokio::test]
 async fn tls_listener_serves_the_app_when_the_certificate_exists() {
     let app = App::start(&[]).await;
@@ -324,13 +337,7 @@ async fn tls_listener_serves_the_app_when_the_certificate_exists() {
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let config = Arc::new(config);
-    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::clone(&config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
+    let tls = tls_connect(tls_addr, &config).await;
     assert_eq!(
         tls.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)
@@ -352,14 +359,8 @@ async fn tls_listener_serves_the_app_when_the_certificate_exists() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"hello world\n");
     // A client that offers h2 by ALPN is served HTTP/2, as by Go's server.
-    let mut config = (*config).clone();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
+    let tls = tls_connect(tls_addr, &config).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
