@@ -84,6 +84,12 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 1)]
     app_threads: usize,
 
+    /// Worker threads of the activator in the main table (0 = its default, one per CPU).
+    /// One by default, as nginx runs one worker and the queue-proxy one thread: on a
+    /// small machine an idle second thread costs wake-ups per request, not throughput
+    #[arg(long, global = true, default_value_t = 1)]
+    activator_threads: usize,
+
     /// Before each measurement, wait at most this long for other processes on the
     /// machine to use less than 0.15 cores (0 = do not wait)
     #[arg(long, global = true, default_value = "20s", value_parser = parse_wait)]
@@ -302,6 +308,11 @@ fn header(ctx: &Ctx, cmd: Cmd) -> String {
         ),
     };
     let load_threads = ctx.load_threads;
+    let activator = match ctx.activator_threads {
+        0 => "its default runtime".to_owned(),
+        1 => "one worker thread (`--worker-threads 1`)".to_owned(),
+        n => format!("{n} worker threads"),
+    };
     let scheduler = match ctx.load_scheduler {
         Scheduler::MultiThread => "a multi-threaded tokio runtime",
         Scheduler::PerThread => "one current-thread tokio runtime per thread",
@@ -315,7 +326,7 @@ fn header(ctx: &Ctx, cmd: Cmd) -> String {
          - settings: {settings}\n\
          - test app: {}\n\
          - load generator: in-tree, raw HTTP/1.1 client (request bytes built once, responses parsed with httparse), one connection per task, closed loop, {scheduler} with {load_threads} worker thread(s)\n\
-         - queue-proxy and activator: their default runtimes (the queue-proxy a single-threaded one, the activator one worker thread per CPU)\n\
+         - queue-proxy and activator: the queue-proxy its default single-threaded runtime; the activator {activator} in the main table (as nginx runs one worker), its default (one worker thread per CPU) elsewhere\n\
          - nginx: {nginx}\n\
          - h2load (the h2c section's generator): {h2load}\n\
          - everything (generator, proxies, app) runs on this one machine over loopback and shares its cores\n",
@@ -392,6 +403,7 @@ fn main() -> ExitCode {
         parked: cli.parked,
         coldstart_runs: cli.coldstart_runs,
         app_threads: cli.app_threads,
+        activator_threads: cli.activator_threads,
         load_threads: if cli.load_threads == 0 {
             default_load_threads()
         } else {

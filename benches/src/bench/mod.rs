@@ -38,6 +38,8 @@ pub struct Ctx {
     pub coldstart_runs: usize,
     /// `--threads` of the test app; 0 = its default (one per core).
     pub app_threads: usize,
+    /// Worker threads of the activator in the main table; 0 = its default (one per CPU).
+    pub activator_threads: usize,
     /// Worker threads of the load generator; 0 = one per CPU.
     pub load_threads: usize,
     pub load_scheduler: load::Scheduler,
@@ -64,6 +66,14 @@ impl Ctx {
             Vec::new()
         } else {
             vec!["--threads".to_owned(), self.app_threads.to_string()]
+        }
+    }
+
+    /// The activator's flags for its runtime in the main table.
+    pub fn activator_args(&self) -> Vec<String> {
+        match self.activator_threads {
+            0 => Vec::new(),
+            n => vec!["--worker-threads".to_owned(), n.to_string()],
         }
     }
 

@@ -146,6 +146,8 @@ pub fn selected(ctx: &Ctx) -> Result<Vec<Path>, String> {
 /// Measures one cell: starts the path's fresh proxy processes in front of `app`, runs the
 /// load, samples the proxy's RSS.
 async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Result<Sample, String> {
+    let flags = ctx.activator_args();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     match path {
         Path::Direct => {
             let spec = ctx.spec(app, "/", conns);
@@ -179,7 +181,7 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Resul
             Ok(Sample::from(&m, Some(m.peaks[0]), Some(m.peaks[1])))
         }
         Path::ActivatorAlone { cc } => {
-            let act = Activator::start(&static_revision_yaml(app.port(), cc), &[]).await;
+            let act = Activator::start(&static_revision_yaml(app.port(), cc), &flags).await;
             wait_ok(act.http, "/", Some("hello.local")).await?;
             let spec = ctx.spec(act.http, "/", conns).header("host", "hello.local");
             let m = run_with_rss(&spec, &[act.pid()]).await;
@@ -197,7 +199,7 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Resul
         Path::Activator { cc } => {
             let cc_s = cc.to_string();
             let qp = QueueProxy::start(app.port(), &[("CONTAINER_CONCURRENCY", &cc_s)]).await;
-            let act = Activator::start(&static_revision_yaml(qp.serving.port(), cc), &[]).await;
+            let act = Activator::start(&static_revision_yaml(qp.serving.port(), cc), &flags).await;
             // The warm path: the activator has probed the pod and routes to it.
             wait_ok(act.http, "/", Some("hello.local")).await?;
             let spec = ctx.spec(act.http, "/", conns).header("host", "hello.local");
@@ -221,7 +223,7 @@ async fn cell(ctx: Arc<Ctx>, path: Path, app: SocketAddr, conns: usize) -> Resul
             .await;
             let act = Activator::start(
                 &static_revision_yaml(qp.serving.port(), cc),
-                &["--tracing-endpoint", &sink.endpoint],
+                &[&flags[..], &["--tracing-endpoint", &sink.endpoint]].concat(),
             )
             .await;
             wait_ok(act.http, "/", Some("hello.local")).await?;
