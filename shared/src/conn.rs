@@ -488,7 +488,7 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         // hyper hands a response's head and its body as separate slices. For a small
         // response the kernel takes one copied buffer for less CPU than two slices (about
-        // 5 % of the queue-proxy's CPU per request, README "Performance"); a large one
+        // 3 % of the queue-proxy's CPU per request, README "Performance"); a large one
         // goes as it is, uncopied. hyper's own flattening would copy large bodies too, and
         // keep a write buffer as large as the largest response on every connection.
         let total = bufs.iter().map(|b| b.len()).sum::<usize>();
