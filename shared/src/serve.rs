@@ -269,7 +269,7 @@ async fn serve_plain<F, Fut, B>(
     peer: SocketAddr,
     http: &Http,
     read_header_timeout: Duration,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
     F: Fn(&Arc<Connection>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -291,7 +291,6 @@ async fn serve_plain<F, Fut, B>(
     // A connection that has sent nothing when the drain starts is closed then, as
     // hyper closes an idle one, rather than holding the drain for the read-header
     // timeout.
-    let mut draining = stop.clone();
     let protocol = tokio::select! {
         biased;
         sniffed = io.protocol() => match sniffed {
@@ -301,7 +300,7 @@ async fn serve_plain<F, Fut, B>(
                 return;
             }
         },
-        _ = draining.wait_for(|s| *s), if !holds_request => return,
+        _ = stop.wait_for(|s| *s), if !holds_request => return,
     };
     let service = service(Arc::clone(&conn), &handler);
     let may_stop = || !holds_request || conn.request_seen();
