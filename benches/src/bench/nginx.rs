@@ -141,7 +141,10 @@ impl Nginx {
         };
         let deadline = tokio::time::Instant::now() + harness::EVENTUALLY;
         loop {
-            if TcpStream::connect(nginx.addr).await.is_ok() {
+            // The master listens before it forks its worker: on a busy machine the port
+            // answers (the connection waits in the backlog) while there is no worker yet
+            // whose CPU could be sampled. Ready means both.
+            if TcpStream::connect(nginx.addr).await.is_ok() && nginx.worker_pid().is_some() {
                 return Ok(nginx);
             }
             let exited = nginx
@@ -153,7 +156,10 @@ impl Nginx {
                 return Err(format!("nginx exited with {status}: {}", log.trim()));
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(format!("nginx did not listen on {} in time", nginx.addr));
+                return Err(format!(
+                    "nginx did not listen on {} with a worker process in time",
+                    nginx.addr
+                ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
