@@ -11,12 +11,12 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use thaw_shared::conn::Connection;
 use thaw_shared::drain::UpgradeTracker;
 use thaw_shared::framing;
 use thaw_shared::headers::{self, Carried};
 use thaw_shared::proxy::{self, ProxyError, Upstream, UpstreamBody};
+use thaw_shared::serve::RequestBody;
 use thaw_shared::stats::InFlight;
 use thaw_shared::timeout::TimedOut;
 use thaw_shared::trace;
@@ -114,7 +114,7 @@ impl Drop for RequestGuard {
 pub fn handle(
     state: Arc<State>,
     conn: Arc<Connection>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> impl Future<Output = Response<ResponseBody>> + Send {
     async move {
         // A request that waited before hyper parsed it (`crate::parking`) brings its
@@ -293,7 +293,7 @@ fn throttle_and_proxy<'a>(
     state: &'a State,
     revision: &'a Revision,
     conn: &'a Arc<Connection>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     started: Instant,
     span: Option<&'a tracing::Span>,
     parked: Option<ParkedSlot>,
@@ -325,7 +325,7 @@ async fn wait_for_slot(
     state: &State,
     revision: &Revision,
     parts: &mut Parts,
-    body: &Incoming,
+    body: &RequestBody,
     span: Option<&tracing::Span>,
 ) -> Result<(PodPermit, bool), Refused> {
     let cost = body_cost(parts, body);
@@ -373,17 +373,19 @@ async fn proxy_with_retry(
     revision: &Revision,
     conn: &Arc<Connection>,
     parts: Parts,
-    body: Incoming,
+    body: RequestBody,
     mut permit: PodPermit,
 ) -> Result<(Response<UpstreamBody>, PodPermit), Refused> {
     let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
     let replayable = thaw_shared::pool::is_replayable(&parts.method, &parts.headers);
     // A copy for a retry is only worth making when another pod could take it.
     let template = (bodiless && revision.throttler.ready_pods() > 1).then(|| clone_parts(&parts));
+    // hyper's empty body is swapped for ours, which the upstream exchange needs no
+    // connection for.
     let body = if bodiless {
         Either::Right(Empty::new())
     } else {
-        Either::Left(body)
+        body
     };
     let mut req = Request::from_parts(parts, body);
     let mut attempt = 1;
@@ -491,7 +493,7 @@ fn clone_parts(parts: &Parts) -> Parts {
 
 /// What a waiting request costs the byte budget: its declared length, or the read-ahead
 /// cap for a chunked body.
-fn body_cost(parts: &Parts, body: &Incoming) -> u64 {
+fn body_cost(parts: &Parts, body: &RequestBody) -> u64 {
     if body.is_end_stream() {
         return 0;
     }
@@ -539,7 +541,7 @@ fn readiness(state: &State) -> Response<ResponseBody> {
 fn network_probe(
     state: &State,
     probe: &HeaderValue,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
 ) -> Response<ResponseBody> {
     match probe.as_bytes() {
         b"probe" => {
@@ -568,7 +570,7 @@ fn network_probe(
 }
 
 /// The metrics port: Prometheus text.
-pub fn metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+pub fn metrics(state: &State, req: &Request<RequestBody>) -> Response<ResponseBody> {
     if req.uri().path() != "/metrics" {
         return text(StatusCode::NOT_FOUND, "not found");
     }

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{ACCEPT, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::Either;
-use hyper::body::Incoming;
 use thaw_shared::breaker::Breaker;
 use thaw_shared::conn::Connection;
 use thaw_shared::drain::{Drainer, UpgradeTracker};
@@ -16,6 +14,7 @@ use thaw_shared::framing;
 use thaw_shared::headers::{self, Carried};
 use thaw_shared::probe::Prober;
 use thaw_shared::proxy::{self, ProxyError, Upstream};
+use thaw_shared::serve::RequestBody;
 use thaw_shared::stats::ConcurrencyRecorder;
 use thaw_shared::timeout::{Timeouts, TIMEOUT_BODY};
 use thaw_shared::trace;
@@ -60,7 +59,7 @@ pub struct TraceNames {
 pub fn handle(
     state: Arc<State>,
     conn: Arc<Connection>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> impl Future<Output = Response<ResponseBody>> + Send {
     async move {
         // 0. A request whose target is ambiguous goes no further.
@@ -176,10 +175,7 @@ pub fn handle(
                 proxy::prepare_request(&mut req, Some(conn.client_ip()));
                 proxy::relay_informational(&mut req, &conn);
                 // The permit rides with the answer; on a timeout it drops with this future.
-                let resp = state
-                    .upstream
-                    .forward(req.map(Either::Left), &state.upgrades)
-                    .await;
+                let resp = state.upstream.forward(req, &state.upgrades).await;
                 resp.map(|resp| (resp, permit)).map_err(Refused::Upstream)
             });
             state.timeouts.before_first_byte(started, head).await
@@ -245,7 +241,7 @@ fn bad_gateway(err: &ProxyError) -> Response<ResponseBody> {
 /// CONTRACT §1.3.1: `503 shutting down` while draining, `400` for a probe not meant for
 /// the queue-proxy, else the app's readiness. Every answer names the revision
 /// (`Thaw-Revision`, [beyond]) so the prober can tell it reached the pod it meant to.
-async fn health_check(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+async fn health_check(state: &State, req: &Request<RequestBody>) -> Response<ResponseBody> {
     let mut resp = health_answer(state, req).await;
     if let Some(identity) = &state.identity {
         resp.headers_mut()
@@ -254,7 +250,7 @@ async fn health_check(state: &State, req: &Request<Incoming>) -> Response<Respon
     resp
 }
 
-async fn health_answer(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+async fn health_answer(state: &State, req: &Request<RequestBody>) -> Response<ResponseBody> {
     if state.drainer.is_draining() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
@@ -278,7 +274,7 @@ async fn health_answer(state: &State, req: &Request<Incoming>) -> Response<Respo
 }
 
 /// CONTRACT §1.3.2: the ingress prober's `K-Network-Probe: probe`, answered with its hash.
-fn ingress_probe(state: &State, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+fn ingress_probe(state: &State, req: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
     let probe = req.headers().get(headers::K_NETWORK_PROBE)?;
     if probe.as_bytes() != headers::PROBE_INGRESS.as_bytes() {
         return None;
@@ -299,7 +295,7 @@ fn ingress_probe(state: &State, req: &Request<Incoming>) -> Option<Response<Resp
 }
 
 /// `:9090`: the autoscaler's scrape, or Prometheus text for anyone not asking for protobuf.
-pub fn autoscaler_metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+pub fn autoscaler_metrics(state: &State, req: &Request<RequestBody>) -> Response<ResponseBody> {
     if req.uri().path() != "/metrics" {
         return text(StatusCode::NOT_FOUND, "not found");
     }
@@ -320,7 +316,7 @@ pub fn autoscaler_metrics(state: &State, req: &Request<Incoming>) -> Response<Re
 }
 
 /// `:9091`: user-facing Prometheus metrics.
-pub fn user_metrics(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+pub fn user_metrics(state: &State, req: &Request<RequestBody>) -> Response<ResponseBody> {
     if req.uri().path() != "/metrics" {
         return text(StatusCode::NOT_FOUND, "not found");
     }
@@ -329,7 +325,7 @@ pub fn user_metrics(state: &State, req: &Request<Incoming>) -> Response<Response
 }
 
 /// `:8022`: only `/wait-for-drain`, the user container's preStop hook.
-pub async fn admin(state: &State, req: &Request<Incoming>) -> Response<ResponseBody> {
+pub async fn admin(state: &State, req: &Request<RequestBody>) -> Response<ResponseBody> {
     if req.uri().path() != "/wait-for-drain" {
         return text(StatusCode::NOT_FOUND, "not found");
     }

@@ -22,7 +22,7 @@ use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -37,8 +37,9 @@ use tokio::time::{Instant, Sleep};
 #[derive(Debug)]
 pub struct Connection {
     client_ip: HeaderValue,
-    /// Set by the first request; until then [`ConnIo`] enforces the read-header timeout.
-    request_seen: AtomicBool,
+    /// Requests arrived so far; until the first, [`ConnIo`] enforces the read-header
+    /// timeout.
+    requests: AtomicU64,
     /// For HTTP/1 only: one response at a time, so one set of limits at a time.
     limits: Mutex<WriteLimits>,
     /// The socket, for `1xx` heads; `None` under TLS, where raw bytes cannot go.
@@ -87,7 +88,7 @@ impl Connection {
     fn new(client_ip: HeaderValue, raw: Option<Arc<TcpStream>>) -> Self {
         Self {
             client_ip,
-            request_seen: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
             limits: Mutex::new(WriteLimits::default()),
             raw,
             pending: Mutex::new(Vec::new()),
@@ -118,7 +119,12 @@ impl Connection {
 
     /// Whether a request has arrived on this connection.
     pub fn request_seen(&self) -> bool {
-        self.request_seen.load(Ordering::Relaxed)
+        self.requests() > 0
+    }
+
+    /// How many requests have arrived on this connection.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// The client's address as `X-Forwarded-For` wants it.
@@ -126,11 +132,13 @@ impl Connection {
         &self.client_ip
     }
 
-    /// Marks that a request arrived, which ends the wait for a first request.
+    /// Counts a request that arrived, which ends the wait for a first request. Not a
+    /// read-modify-write: HTTP/2's streams may race and lose a count, but the count only
+    /// has to grow.
     pub fn request_started(&self) {
-        if !self.request_seen.load(Ordering::Relaxed) {
-            self.request_seen.store(true, Ordering::Relaxed);
-        }
+        let n = self.requests.load(Ordering::Relaxed);
+        self.requests
+            .store(n.wrapping_add(1).max(1), Ordering::Relaxed);
     }
 
     /// Sets how long the HTTP/1 response about to be written may be blocked by a client
@@ -276,6 +284,18 @@ impl ConnIo {
         (io, conn)
     }
 
+    /// Takes the bytes read before, which the next read would have served first.
+    pub(crate) fn take_prefix(&mut self) -> Bytes {
+        std::mem::take(&mut self.prefix)
+    }
+
+    /// Puts `read` back to be served before the socket's own bytes: what was read of a
+    /// connection before hyper takes it over.
+    pub(crate) fn unread(&mut self, read: Bytes) {
+        debug_assert!(self.prefix.is_empty());
+        self.prefix = read;
+    }
+
     /// Which protocol the client speaks, from its first bytes; fails once the
     /// read-header timeout passes without them.
     ///
@@ -333,7 +353,7 @@ impl ConnIo {
         let Some(deadline) = self.first_request.as_mut() else {
             return Ok(());
         };
-        if self.conn.request_seen.load(Ordering::Relaxed) {
+        if self.conn.request_seen() {
             self.first_request = None;
             return Ok(());
         }

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::conn::{ConnIo, Connection, Protocol};
+use crate::downstream_h1::{self, Served};
 use crate::tls::CertReloader;
 
 /// Largest request head accepted; beyond it the client gets `431`. Responses from the
@@ -37,6 +38,10 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// times what Envoy (the ingress in front of most Knative installs) lets through by
 /// default.
 pub const MAX_HEADERS: usize = 256;
+
+/// A request's body as handlers get it: hyper's, or none for a request read by this
+/// crate's own HTTP/1.1 path (`downstream_h1`), which takes only requests with no body.
+pub type RequestBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
 
 /// The HTTP/1.1 and HTTP/2 server settings shared by every listener. Which of the two
 /// serves a connection is decided before either sees it: by ALPN under TLS, as Go's
@@ -112,7 +117,7 @@ pub async fn serve<F, Fut, B>(
     stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(&Arc<Connection>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -139,7 +144,7 @@ pub async fn serve_with<F, Fut, B, P>(
     handler: F,
     before: Option<Arc<P>>,
 ) where
-    F: Fn(&Arc<Connection>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -240,7 +245,7 @@ fn service<F, Fut, B>(
 > + Clone
        + Send
 where
-    F: Fn(&Arc<Connection>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -254,7 +259,7 @@ where
         // `async move { Ok(fut.await) }` wrapper would move it into its await slot at
         // the first poll. Those copies were a quarter of the queue-proxy's CPU under
         // h2load (1 connection x 100 streams: 49k -> 62k rps); HTTP/1 is unchanged.
-        Box::pin(handler(&conn, req)).map(Ok::<_, Infallible>)
+        Box::pin(handler(&conn, req.map(RequestBody::Left))).map(Ok::<_, Infallible>)
     })
 }
 
@@ -272,7 +277,7 @@ async fn serve_plain<F, Fut, B>(
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(&Arc<Connection>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -302,8 +307,26 @@ async fn serve_plain<F, Fut, B>(
         },
         _ = stop.wait_for(|s| *s), if !holds_request => return,
     };
+    // Plain HTTP/1.1 requests are served here; the first other one hands the
+    // connection to hyper, with what was read of it.
+    let holds_request = match protocol {
+        Protocol::Http1 => {
+            match downstream_h1::serve(&mut io, &conn, &handler, read_header_timeout, &mut stop)
+                .await
+            {
+                Served::Closed => return,
+                Served::ToHyper(read) => {
+                    let holds = !read.is_empty();
+                    io.unread(read);
+                    holds
+                }
+            }
+        }
+        Protocol::Http2 => holds_request,
+    };
     let service = service(Arc::clone(&conn), &handler);
-    let may_stop = || !holds_request || conn.request_seen();
+    let seen = conn.requests();
+    let may_stop = || !holds_request || conn.requests() > seen;
     serve_protocol(http, protocol, TokioIo::new(io), service, stop, may_stop).await;
 }
 
@@ -490,7 +513,7 @@ mod tests {
             Arc::new(http_builder(timeout)),
             timeout,
             stopped,
-            |_: &Arc<Connection>, _: Request<Incoming>| async {
+            |_: &Arc<Connection>, _: Request<RequestBody>| async {
                 Response::new(Full::new(Bytes::from_static(b"ok")))
             },
         ));
@@ -540,5 +563,263 @@ mod tests {
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.version(), http::Version::HTTP_2);
         assert_eq!(resp.status(), http::StatusCode::OK);
+    }
+
+    /// `serve` on a loopback port with `timeout` as its read-header timeout, answering
+    /// with `handler`.
+    async fn start_with<F, Fut, B>(
+        timeout: Duration,
+        handler: F,
+    ) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            Transport::Plain,
+            Arc::new(http_builder(timeout)),
+            timeout,
+            stopped,
+            handler,
+        ));
+        (addr, stop, server)
+    }
+
+    /// Answers `<method> <uri> <body bytes>`, after reading the whole body.
+    async fn echo(req: Request<RequestBody>) -> Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        let line = format!("{} {}", req.method(), req.uri());
+        let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
+        Response::new(Full::new(Bytes::from(format!(
+            "{line} {}",
+            body.unwrap_or(0)
+        ))))
+    }
+
+    /// Reads one response whose body is `Content-Length` framed; returns the head and body.
+    async fn read_response(client: &mut TcpStream, pending: &mut Vec<u8>) -> (String, String) {
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(pending[..end + 4].to_vec()).unwrap();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if pending.len() >= end + 4 + len {
+                    let body = String::from_utf8(pending[end + 4..end + 4 + len].to_vec()).unwrap();
+                    pending.drain(..end + 4 + len);
+                    return (head, body);
+                }
+            }
+            let mut buf = [0u8; 4096];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before a whole response: {pending:?}");
+            pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_plain_requests_are_answered_in_order_then_hyper_takes_a_body() {
+        let (addr, _stop, _server) =
+            start_with(Duration::from_secs(60), |_: &Arc<Connection>, req| {
+                echo(req)
+            })
+            .await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2?x=y HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        let (head, body) = read_response(&mut client, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(
+            head.contains("\r\ndate: "),
+            "hyper's Date header is kept: {head}"
+        );
+        assert_eq!(body, "GET /1 0");
+        assert_eq!(
+            read_response(&mut client, &mut pending).await.1,
+            "GET /2?x=y 0"
+        );
+        // A request with a body is hyper's, on the same connection, and so is the rest.
+        client
+            .write_all(b"POST /3 HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhelloGET /4 HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut client, &mut pending).await.1,
+            "POST /3 5"
+        );
+        assert_eq!(read_response(&mut client, &mut pending).await.1, "GET /4 0");
+        // Malformed: hyper's answer.
+        let mut bad = TcpStream::connect(addr).await.unwrap();
+        bad.write_all(b"GET / HTTP/1.1\r\nbad header\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        bad.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got.starts_with(b"HTTP/1.1 400"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_ends_its_plain_request() {
+        let (dropped_tx, mut dropped) = tokio::sync::mpsc::channel::<()>(1);
+        let handler = move |_: &Arc<Connection>, _: Request<RequestBody>| {
+            let guard = dropped_tx.clone();
+            async move {
+                // Sends on drop: the handler's future was dropped.
+                struct OnDrop(tokio::sync::mpsc::Sender<()>);
+                impl Drop for OnDrop {
+                    fn drop(&mut self) {
+                        let _ = self.0.try_send(());
+                    }
+                }
+                let _guard = OnDrop(guard);
+                std::future::pending::<()>().await;
+                Response::new(Full::new(Bytes::new()))
+            }
+        };
+        let (addr, _stop, _server) = start_with(Duration::from_secs(60), handler).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), dropped.recv())
+            .await
+            .expect("the request was not ended when its client left");
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_closes_after_the_read_header_timeout() {
+        let (addr, _stop, _server) =
+            start_with(Duration::from_millis(300), |_: &Arc<Connection>, req| {
+                echo(req)
+            })
+            .await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        read_response(&mut client, &mut pending).await;
+        // Half a head, then nothing: the timer runs from the end of the last response.
+        client.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("the idle connection was never closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer, as hyper does");
+    }
+
+    #[tokio::test]
+    async fn the_drain_closes_idle_plain_connections_and_finishes_one_in_flight() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (r, a) = (Arc::clone(&release), Arc::clone(&arrived));
+        let handler = move |_: &Arc<Connection>, req: Request<RequestBody>| {
+            let (release, arrived) = (Arc::clone(&r), Arc::clone(&a));
+            async move {
+                if req.uri() == "/slow" {
+                    arrived.notify_one();
+                    release.notified().await;
+                }
+                Response::new(Full::new(Bytes::from_static(b"done")))
+            }
+        };
+        let (addr, stop, server) = start_with(Duration::from_secs(60), handler).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut idle_pending = Vec::new();
+        read_response(&mut idle, &mut idle_pending).await;
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        busy.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        arrived.notified().await;
+        stop.send(true).unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+            .await
+            .expect("the idle connection held the drain")
+            .unwrap();
+        assert_eq!(n, 0);
+        release.notify_one();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), busy.read_to_end(&mut got))
+            .await
+            .expect("the in-flight connection was not closed after its answer")
+            .unwrap();
+        assert!(
+            got.starts_with(b"HTTP/1.1 200 OK") && got.ends_with(b"done"),
+            "{got:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the drain did not end")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_streamed_plain_response_is_chunked_with_its_named_trailers() {
+        let handler = |_: &Arc<Connection>, _: Request<RequestBody>| async {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-t", HeaderValue::from_static("1"));
+            trailers.insert("x-unnamed", HeaderValue::from_static("2"));
+            let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = vec![
+                Ok(http_body::Frame::data(Bytes::from_static(b"ab"))),
+                Ok(http_body::Frame::data(Bytes::new())),
+                Ok(http_body::Frame::data(Bytes::from(vec![b'c'; 20_000]))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            Response::builder()
+                .header("trailer", "x-t")
+                .body(body)
+                .unwrap()
+        };
+        let (addr, _stop, _server) = start_with(Duration::from_secs(60), handler).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let tail = b"0\r\nx-t: 1\r\n\r\n";
+        while !got.ends_with(tail) {
+            let mut buf = [0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8(got).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("\r\ntrailer: x-t\r\n"), "{head}");
+        assert!(head.contains("\r\ntransfer-encoding: chunked"), "{head}");
+        let expected = format!(
+            "2\r\nab\r\n4E20\r\n{}\r\n0\r\nx-t: 1\r\n\r\n",
+            "c".repeat(20_000)
+        );
+        assert_eq!(body, expected);
     }
 }
