@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRAILER,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -91,9 +91,9 @@ where
         deadline
             .as_mut()
             .reset(Instant::now() + read_header_timeout);
-        let req = loop {
+        let (req, wants_trailers) = loop {
             match parse(&mut read) {
-                Parsed::Request(req) => break req,
+                Parsed::Request(req, wants_trailers) => break (req, wants_trailers),
                 Parsed::Other => return Served::ToHyper(read.freeze()),
                 Parsed::Partial => {}
             }
@@ -149,7 +149,9 @@ where
         if !stop_seen && stopping.as_mut().now_or_never().is_some() {
             stop_seen = true;
         }
-        let keep_alive = respond(io, &mut out, resp).await.unwrap_or(false);
+        let keep_alive = respond(io, &mut out, resp, wants_trailers)
+            .await
+            .unwrap_or(false);
         // The write buffer is kept between requests only while small.
         if out.capacity() > GATHER_BYTES {
             out = Vec::new();
@@ -180,8 +182,8 @@ fn poll_read_some(
 /// What the bytes read so far hold.
 #[allow(clippy::large_enum_variant)] // a return value, moved once; a box would cost an allocation per request
 enum Parsed {
-    /// A plain request, its head taken off the buffer.
-    Request(Request<RequestBody>),
+    /// A plain request, its head taken off the buffer, and whether it said `TE: trailers`.
+    Request(Request<RequestBody>, bool),
     /// Not a whole head yet.
     Partial,
     /// A request this path leaves to hyper, or bytes that are not one: the buffer is
@@ -240,7 +242,7 @@ fn parse(read: &mut BytesMut) -> Parsed {
     }
     let head = read.split_to(len).freeze();
     match build(&head, method, path, &lines[..count]) {
-        Some(req) => Parsed::Request(req),
+        Some((req, wants_trailers)) => Parsed::Request(req, wants_trailers),
         None => {
             // Put the head back in front of whatever followed it.
             let mut whole = BytesMut::with_capacity(head.len() + read.len());
@@ -252,16 +254,17 @@ fn parse(read: &mut BytesMut) -> Parsed {
     }
 }
 
-/// The request `head` holds, if it is the plain kind.
+/// The request `head` holds, if it is the plain kind, and whether it accepts trailers.
 fn build(
     head: &Bytes,
     method: Method,
     path: (usize, usize),
     lines: &[Line],
-) -> Option<Request<RequestBody>> {
+) -> Option<(Request<RequestBody>, bool)> {
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).ok()?;
     let mut headers = HeaderMap::with_capacity(lines.len());
     let mut length_seen = false;
+    let mut wants_trailers = false;
     for line in lines {
         let name = HeaderName::from_bytes(&head[line.name.0..line.name.1]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(line.value.0..line.value.1)).ok()?;
@@ -277,6 +280,12 @@ fn build(
             if !value.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
                 return None;
             }
+        } else if name == TE {
+            // hyper's server sends a response's trailers only to a client that asked.
+            wants_trailers |= value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         } else if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
             return None;
         }
@@ -287,7 +296,7 @@ fn build(
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    Some(req)
+    Some((req, wants_trailers))
 }
 
 /// How a response body is framed on the wire.
@@ -300,7 +309,12 @@ enum Framing {
 struct Unencodable;
 
 /// Writes `resp`. `Ok(true)` when the connection may carry another request.
-async fn respond<B>(io: &mut ConnIo, out: &mut Vec<u8>, resp: Response<B>) -> io::Result<bool>
+async fn respond<B>(
+    io: &mut ConnIo,
+    out: &mut Vec<u8>,
+    resp: Response<B>,
+    wants_trailers: bool,
+) -> io::Result<bool>
 where
     B: Body<Data = Bytes>,
 {
@@ -361,8 +375,9 @@ where
             }
             Err(frame) => frame,
         };
-        if let (Ok(trailers), Framing::Chunked { trailers: allowed }) =
-            (frame.into_trailers(), &framing)
+        // Trailers go only to a client that asked for them; others' are dropped.
+        if let (Ok(trailers), Framing::Chunked { trailers: allowed }, true) =
+            (frame.into_trailers(), &framing, wants_trailers)
         {
             out.extend_from_slice(b"0\r\n");
             encode_trailers(&trailers, allowed, out);
@@ -602,7 +617,7 @@ fn encode_head(
 fn encode_trailers(trailers: &HeaderMap, allowed: &[HeaderName], out: &mut Vec<u8>) {
     use http::header::{
         AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_RANGE, CONTENT_TYPE, HOST,
-        MAX_FORWARDS, SET_COOKIE, TE,
+        MAX_FORWARDS, SET_COOKIE,
     };
     for (name, value) in trailers {
         let forbidden = [
@@ -689,7 +704,7 @@ mod tests {
         let (p, rest) = parsed(
             b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: Keep-Alive\r\nX-A: 1\r\n\r\nGET /next",
         );
-        let Parsed::Request(req) = p else {
+        let Parsed::Request(req, wants_trailers) = p else {
             panic!("not taken")
         };
         assert_eq!(req.method(), Method::GET);
@@ -703,7 +718,10 @@ mod tests {
             "passed on, for the proxy to strip"
         );
         assert!(req.body().is_end_stream());
+        assert!(!wants_trailers);
         assert_eq!(&rest[..], b"GET /next");
+        let (p, _) = parsed(b"GET / HTTP/1.1\r\nTE: gzip, Trailers\r\n\r\n");
+        assert!(matches!(p, Parsed::Request(_, true)));
     }
 
     #[test]

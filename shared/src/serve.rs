@@ -796,9 +796,26 @@ mod tests {
                 .unwrap()
         };
         let (addr, _stop, _server) = start_with(Duration::from_secs(60), handler).await;
+        // Without `TE: trailers` the trailers are dropped, as hyper drops them.
         let mut client = TcpStream::connect(addr).await.unwrap();
         client
             .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n0\r\n\r\n") {
+            let mut buf = [0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(!String::from_utf8_lossy(&got).contains("x-t: 1"));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\nte: trailers\r\n\r\n")
             .await
             .unwrap();
         let mut got = Vec::new();
