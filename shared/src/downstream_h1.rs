@@ -17,8 +17,12 @@
 //! keep-alive rules of HTTP/1.0) stays hyper's. The response is encoded by hyper's
 //! server rules (hyper 1.x `proto::h1::role`): the `Content-Length` a response carries
 //! or its body's exact size, else chunked; no body for `1xx`, `204` and `304`; trailers
-//! only those named by `Trailer`; a `Date` header when the handler set none; the
-//! connection closed after a `Connection: close` answer, or once the drain began.
+//! only those named by `Trailer`, to a client that sent `TE: trailers`; a `Date` header
+//! when the handler set none; the connection closed after a `Connection: close` answer,
+//! or once the drain began. One difference, on purpose: the status line always says
+//! HTTP/1.1, as Go's server writes it, where hyper echoes the version of an HTTP/1.0 app's
+//! answer and then ends a body of unknown length by closing the client's connection;
+//! here it is chunked and the connection kept.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
