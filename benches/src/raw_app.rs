@@ -179,6 +179,22 @@ pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `request` (which ends with `Connection: close`) as it is, and again without that line
+/// and followed on its connection by a `GET /` that closes it. hyper's server answers the
+/// first; the plain-request path (`shared/src/downstream_h1.rs`) answers the second, then
+/// hands the connection to hyper for the `GET /`. Each check runs on both.
+pub async fn exchange_both(addr: SocketAddr, host: &str, request: &str) -> [String; 2] {
+    assert!(request.contains("Connection: close\r\n"), "{request}");
+    let plain = format!(
+        "{}GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+        request.replacen("Connection: close\r\n", "", 1)
+    );
+    [
+        exchange(addr, request.as_bytes()).await,
+        exchange(addr, plain.as_bytes()).await,
+    ]
+}
+
 /// The start of a response, for assertion messages about responses that may be huge.
 pub fn short(text: &str) -> &str {
     let end = text.char_indices().nth(400).map_or(text.len(), |(i, _)| i);
@@ -239,11 +255,12 @@ pub mod checks {
         let req = format!(
             "GET http://{host}/abs?q=1 HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"
         );
-        let resp = exchange(front, req.as_bytes()).await;
-        assert_eq!(status_of(&resp), Some(200), "{resp}");
-        let head = app.last_head("/abs?q=1").expect("the app got the request");
-        assert!(head.starts_with("GET /abs?q=1 HTTP/1.1"), "{head}");
-        assert_eq!(header(&head, "host"), Some(host), "{head}");
+        for resp in exchange_both(front, host, &req).await {
+            assert_eq!(status_of(&resp), Some(200), "{resp}");
+            let head = app.last_head("/abs?q=1").expect("the app got the request");
+            assert!(head.starts_with("GET /abs?q=1 HTTP/1.1"), "{head}");
+            assert_eq!(header(&head, "host"), Some(host), "{head}");
+        }
     }
 
     /// Header limits are by size (64 KiB), not by count.
@@ -280,26 +297,29 @@ pub mod checks {
         // The app's response heads get the same size limit, not a count.
         let req =
             format!("GET /many-headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        let resp = exchange(front, req.as_bytes()).await;
-        assert_eq!(status_of(&resp), Some(200), "{resp}");
-        assert!(resp.contains("x-h-150: v150"), "{resp}");
+        for resp in exchange_both(front, host, &req).await {
+            assert_eq!(status_of(&resp), Some(200), "{resp}");
+            assert!(resp.contains("x-h-150: v150"), "{resp}");
+        }
         let req = format!("GET /big-head HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        let resp = exchange(front, req.as_bytes()).await;
-        assert_eq!(status_of(&resp), Some(502), "{}", short(&resp));
+        for resp in exchange_both(front, host, &req).await {
+            assert_eq!(status_of(&resp), Some(502), "{}", short(&resp));
+        }
     }
 
     /// A response with `Content-Length` beside `Transfer-Encoding` reaches the client
     /// whole, without the stale length.
     pub async fn stale_content_length(front: SocketAddr, host: &str) {
         let req = format!("GET /cl-te HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        let resp = exchange(front, req.as_bytes()).await;
-        assert_eq!(status_of(&resp), Some(200), "{resp}");
-        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-        assert!(
-            header(head, "content-length").is_none_or(|v| v == "11"),
-            "{head}"
-        );
-        assert!(body.contains("hello world"), "{resp}");
+        for resp in exchange_both(front, host, &req).await {
+            assert_eq!(status_of(&resp), Some(200), "{resp}");
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+            assert!(
+                header(head, "content-length").is_none_or(|v| v == "11"),
+                "{head}"
+            );
+            assert!(body.contains("hello world"), "{resp}");
+        }
     }
 
     /// Chunked trailers pass through to a client that asked for them (`TE: trailers`).
@@ -307,31 +327,33 @@ pub mod checks {
         let req = format!(
             "GET /trailers HTTP/1.1\r\nHost: {host}\r\nTE: trailers\r\nConnection: close\r\n\r\n"
         );
-        let resp = exchange(front, req.as_bytes()).await;
-        assert_eq!(status_of(&resp), Some(200), "{resp}");
-        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-        assert_eq!(header(head, "trailer"), Some("x-checksum"), "{head}");
-        assert!(body.contains("hello"), "{resp}");
-        assert!(
-            body.contains("x-checksum: abc123"),
-            "the trailer was lost: {resp:?}"
-        );
+        for resp in exchange_both(front, host, &req).await {
+            assert_eq!(status_of(&resp), Some(200), "{resp}");
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+            assert_eq!(header(head, "trailer"), Some("x-checksum"), "{head}");
+            assert!(body.contains("hello"), "{resp}");
+            assert!(
+                body.contains("x-checksum: abc123"),
+                "the trailer was lost: {resp:?}"
+            );
+        }
     }
 
     /// `103 Early Hints` from the app reaches an HTTP/1.1 client before the `200`.
     pub async fn early_hints(front: SocketAddr, host: &str) {
         let req = format!("GET /early-hints HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        let resp = exchange(front, req.as_bytes()).await;
-        assert_eq!(status_of(&resp), Some(103), "{resp}");
-        let (hints, rest) = resp.split_once("\r\n\r\n").unwrap();
-        assert!(
-            hints
-                .to_ascii_lowercase()
-                .contains("link: </style.css>; rel=preload"),
-            "{hints}"
-        );
-        assert_eq!(status_of(rest), Some(200), "{resp}");
-        assert!(rest.ends_with("ok"), "{resp}");
+        for resp in exchange_both(front, host, &req).await {
+            assert_eq!(status_of(&resp), Some(103), "{resp}");
+            let (hints, rest) = resp.split_once("\r\n\r\n").unwrap();
+            assert!(
+                hints
+                    .to_ascii_lowercase()
+                    .contains("link: </style.css>; rel=preload"),
+                "{hints}"
+            );
+            assert_eq!(status_of(rest), Some(200), "{resp}");
+            assert!(rest.ends_with("ok"), "{resp}");
+        }
     }
 
     /// A malformed chunked request body is the client's fault: `400`.
