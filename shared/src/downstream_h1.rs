@@ -195,6 +195,20 @@ enum Parsed {
     Other,
 }
 
+/// What the plain path makes of `bytes`, for the fuzz target: the request it takes and how
+/// many bytes that consumed, or `None`; and the bytes it leaves in its buffer.
+#[doc(hidden)]
+pub fn take_plain_request(bytes: &[u8]) -> (Option<(Request<RequestBody>, bool, usize)>, Bytes) {
+    let mut read = BytesMut::from(bytes);
+    let taken = match parse(&mut read) {
+        Parsed::Request(req, wants_trailers) => {
+            Some((req, wants_trailers, bytes.len() - read.len()))
+        }
+        Parsed::Partial | Parsed::Other => None,
+    };
+    (taken, read.freeze())
+}
+
 /// Where one header line's name and value are in the head.
 #[derive(Clone, Copy, Default)]
 struct Line {

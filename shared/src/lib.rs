@@ -8,7 +8,7 @@ pub mod autoscale;
 pub mod body;
 pub mod breaker;
 pub mod conn;
-mod downstream_h1;
+pub mod downstream_h1;
 pub mod drain;
 pub mod duration;
 pub mod framing;
