@@ -384,7 +384,8 @@ where
                     }
                     Framing::Chunked { .. } if data.is_empty() => {}
                     Framing::Chunked { .. } => {
-                        push_chunk_size(out, data.len());
+                        push_number(out, data.len() as u64, 16);
+                        out.extend_from_slice(b"\r\n");
                         write_data(io, out, data).await?;
                         out.extend_from_slice(b"\r\n");
                     }
@@ -436,32 +437,16 @@ fn end_joined(out: &mut Vec<u8>, add_chunked: &mut bool) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A chunk-size line: the length in upper-case hex, as hyper writes it.
-fn push_chunk_size(out: &mut Vec<u8>, len: usize) {
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut n = len;
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789ABCDEF"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, n: u64) {
+/// `n` in base `radix` (10 or 16; hex in upper case, as hyper writes chunk sizes),
+/// without going through `fmt`.
+fn push_number(out: &mut Vec<u8>, n: u64, radix: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut n = n;
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
+        digits[at] = b"0123456789ABCDEF"[(n % radix) as usize];
+        n /= radix;
         if n == 0 {
             break;
         }
@@ -612,7 +597,7 @@ fn encode_head(
             None => Framing::Length(0),
             Some(n) if body_allowed => {
                 out.extend_from_slice(b"content-length: ");
-                push_decimal(out, n);
+                push_number(out, n, 10);
                 out.extend_from_slice(b"\r\n");
                 Framing::Length(n)
             }
@@ -937,6 +922,22 @@ mod tests {
         let mut out = Vec::new();
         encode_trailers(&trailers, &allowed, &mut out);
         assert_eq!(out, b"grpc-status: 0\r\n");
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal_and_upper_case_hex() {
+        for (n, radix, text) in [
+            (0, 10, "0"),
+            (20_000, 10, "20000"),
+            (u64::MAX, 10, "18446744073709551615"),
+            (0, 16, "0"),
+            (20_000, 16, "4E20"),
+            (u64::MAX, 16, "FFFFFFFFFFFFFFFF"),
+        ] {
+            let mut out = Vec::new();
+            push_number(&mut out, n, radix);
+            assert_eq!(out, text.as_bytes());
+        }
     }
 
     #[test]

@@ -503,21 +503,13 @@ mod tests {
 
     /// `serve` on a loopback port with a 60 s read-header timeout, answering `ok`.
     async fn start() -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let timeout = Duration::from_secs(60);
-        let server = tokio::spawn(serve(
-            listener,
-            Transport::Plain,
-            Arc::new(http_builder(timeout)),
-            timeout,
-            stopped,
+        start_with(
+            Duration::from_secs(60),
             |_: &Arc<Connection>, _: Request<RequestBody>| async {
                 Response::new(Full::new(Bytes::from_static(b"ok")))
             },
-        ));
-        (addr, stop, server)
+        )
+        .await
     }
 
     #[tokio::test]
@@ -525,11 +517,7 @@ mod tests {
         let (addr, stop, server) = start().await;
         let mut silent = TcpStream::connect(addr).await.unwrap();
         // The connection is being served (its task is waiting for a first byte).
-        let mut served = TcpStream::connect(addr).await.unwrap();
-        served
-            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let mut served = send(addr, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
         let mut buf = [0u8; 256];
         let n = served.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
@@ -544,10 +532,11 @@ mod tests {
     #[tokio::test]
     async fn http1_and_h2c_are_both_served_on_one_port() {
         let (addr, _stop, _server) = start().await;
-        let mut h1 = TcpStream::connect(addr).await.unwrap();
-        h1.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        let mut h1 = send(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await;
         let mut got = Vec::new();
         h1.read_to_end(&mut got).await.unwrap();
         assert!(got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"ok"));
@@ -591,6 +580,20 @@ mod tests {
         (addr, stop, server)
     }
 
+    /// `serve` answering with [`echo`].
+    async fn start_echo(
+        timeout: Duration,
+    ) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        start_with(timeout, |_: &Arc<Connection>, req| echo(req)).await
+    }
+
+    /// Opens a connection to `addr` and sends `bytes` on it.
+    async fn send(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(bytes).await.unwrap();
+        client
+    }
+
     /// Answers `<method> <uri> <body bytes>`, after reading the whole body.
     async fn echo(req: Request<RequestBody>) -> Response<Full<Bytes>> {
         use http_body_util::BodyExt;
@@ -626,16 +629,12 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_plain_requests_are_answered_in_order_then_hyper_takes_a_body() {
-        let (addr, _stop, _server) =
-            start_with(Duration::from_secs(60), |_: &Arc<Connection>, req| {
-                echo(req)
-            })
-            .await;
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2?x=y HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let (addr, _stop, _server) = start_echo(Duration::from_secs(60)).await;
+        let mut client = send(
+            addr,
+            b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2?x=y HTTP/1.1\r\nhost: a\r\n\r\n",
+        )
+        .await;
         let mut pending = Vec::new();
         let (head, body) = read_response(&mut client, &mut pending).await;
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
@@ -659,10 +658,7 @@ mod tests {
         );
         assert_eq!(read_response(&mut client, &mut pending).await.1, "GET /4 0");
         // Malformed: hyper's answer.
-        let mut bad = TcpStream::connect(addr).await.unwrap();
-        bad.write_all(b"GET / HTTP/1.1\r\nbad header\r\n\r\n")
-            .await
-            .unwrap();
+        let mut bad = send(addr, b"GET / HTTP/1.1\r\nbad header\r\n\r\n").await;
         let mut got = Vec::new();
         bad.read_to_end(&mut got).await.unwrap();
         assert!(
@@ -691,11 +687,7 @@ mod tests {
             }
         };
         let (addr, _stop, _server) = start_with(Duration::from_secs(60), handler).await;
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let client = send(addr, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(client);
         tokio::time::timeout(Duration::from_secs(10), dropped.recv())
@@ -705,16 +697,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_keep_alive_connection_closes_after_the_read_header_timeout() {
-        let (addr, _stop, _server) =
-            start_with(Duration::from_millis(300), |_: &Arc<Connection>, req| {
-                echo(req)
-            })
-            .await;
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let (addr, _stop, _server) = start_echo(Duration::from_millis(300)).await;
+        let mut client = send(addr, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
         let mut pending = Vec::new();
         read_response(&mut client, &mut pending).await;
         // Half a head, then nothing: the timer runs from the end of the last response.
@@ -743,16 +727,10 @@ mod tests {
             }
         };
         let (addr, stop, server) = start_with(Duration::from_secs(60), handler).await;
-        let mut idle = TcpStream::connect(addr).await.unwrap();
-        idle.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let mut idle = send(addr, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
         let mut idle_pending = Vec::new();
         read_response(&mut idle, &mut idle_pending).await;
-        let mut busy = TcpStream::connect(addr).await.unwrap();
-        busy.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let mut busy = send(addr, b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n").await;
         arrived.notified().await;
         stop.send(true).unwrap();
         let mut buf = [0u8; 64];
@@ -777,6 +755,27 @@ mod tests {
             .unwrap();
     }
 
+    /// Sends `GET /` with `extra` header lines on a new connection and reads until what
+    /// came back ends with `tail`.
+    async fn get_until(addr: SocketAddr, extra: &[u8], tail: &[u8]) -> Vec<u8> {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut req = b"GET / HTTP/1.1\r\nhost: a\r\n".to_vec();
+        req.extend_from_slice(extra);
+        req.extend_from_slice(b"\r\n");
+        client.write_all(&req).await.unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(tail) {
+            let mut buf = [0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
     #[tokio::test]
     async fn a_streamed_plain_response_is_chunked_with_its_named_trailers() {
         let handler = |_: &Arc<Connection>, _: Request<RequestBody>| async {
@@ -797,38 +796,9 @@ mod tests {
         };
         let (addr, _stop, _server) = start_with(Duration::from_secs(60), handler).await;
         // Without `TE: trailers` the trailers are dropped, as hyper drops them.
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        while !got.ends_with(b"\r\n0\r\n\r\n") {
-            let mut buf = [0u8; 8192];
-            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = get_until(addr, b"", b"\r\n0\r\n\r\n").await;
         assert!(!String::from_utf8_lossy(&got).contains("x-t: 1"));
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\nte: trailers\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        let tail = b"0\r\nx-t: 1\r\n\r\n";
-        while !got.ends_with(tail) {
-            let mut buf = [0u8; 8192];
-            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = get_until(addr, b"te: trailers\r\n", b"0\r\nx-t: 1\r\n\r\n").await;
         let text = String::from_utf8(got).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.contains("\r\ntrailer: x-t\r\n"), "{head}");
