@@ -47,6 +47,7 @@ use tokio::time::Instant;
 
 use crate::conn::{ConnIo, Connection};
 use crate::serve::{RequestBody, MAX_HEADER_BYTES};
+use crate::upstream_h1::{decimal, has_token, last_token_is};
 
 /// Header lines this path parses; a request with more goes to hyper, which allows
 /// `serve::MAX_HEADERS`. Few clients send more than a dozen.
@@ -150,9 +151,6 @@ where
         let Some(resp) = resp else {
             return Served::Closed;
         };
-        if !stop_seen && stopping.as_mut().now_or_never().is_some() {
-            stop_seen = true;
-        }
         let keep_alive = respond(io, &mut out, resp, wants_trailers)
             .await
             .unwrap_or(false);
@@ -300,10 +298,7 @@ fn build(
             }
         } else if name == TE {
             // hyper's server sends a response's trailers only to a client that asked.
-            wants_trailers |= value
-                .as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            wants_trailers |= has_token(&value, b"trailers");
         } else if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
             return None;
         }
@@ -516,7 +511,7 @@ fn encode_head(
                 Some(0) => continue,
                 // The body's own length is trusted over the header's, as hyper does.
                 Some(n) => n,
-                None => digits(value.as_bytes()).ok_or(Unencodable)?,
+                None => decimal(value.as_bytes()).ok_or(Unencodable)?,
             };
             match length_written {
                 Some(prev) if prev != n && size.is_none() => return Err(Unencodable),
@@ -543,7 +538,7 @@ fn encode_head(
                 trailers: Vec::new(),
             });
             // `chunked` must be the last coding, or it is added.
-            add_chunked = !last_token_is_chunked(value);
+            add_chunked = !last_token_is(value, b"chunked");
         } else if *name == TRAILER {
             if !body_allowed {
                 continue;
@@ -556,11 +551,7 @@ fn encode_head(
                 );
             }
         } else if *name == CONNECTION {
-            if value
-                .as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            {
+            if has_token(value, b"close") {
                 keep_alive = false;
             }
         } else {
@@ -616,28 +607,27 @@ fn encode_head(
     Ok((framing, keep_alive))
 }
 
+/// Fields a trailer may never carry (hyper's list): they frame, route or describe the
+/// message as a whole.
+const NOT_IN_TRAILERS: [HeaderName; 12] = [
+    http::header::AUTHORIZATION,
+    http::header::CACHE_CONTROL,
+    http::header::CONTENT_ENCODING,
+    CONTENT_LENGTH,
+    http::header::CONTENT_RANGE,
+    http::header::CONTENT_TYPE,
+    http::header::HOST,
+    http::header::MAX_FORWARDS,
+    http::header::SET_COOKIE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    TE,
+];
+
 /// The trailer lines `allowed` names, less those a trailer may never carry.
 fn encode_trailers(trailers: &HeaderMap, allowed: &[HeaderName], out: &mut Vec<u8>) {
-    use http::header::{
-        AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_RANGE, CONTENT_TYPE, HOST,
-        MAX_FORWARDS, SET_COOKIE,
-    };
     for (name, value) in trailers {
-        let forbidden = [
-            AUTHORIZATION,
-            CACHE_CONTROL,
-            CONTENT_ENCODING,
-            CONTENT_LENGTH,
-            CONTENT_RANGE,
-            CONTENT_TYPE,
-            HOST,
-            MAX_FORWARDS,
-            SET_COOKIE,
-            TRAILER,
-            TRANSFER_ENCODING,
-            TE,
-        ];
-        if !allowed.contains(name) || forbidden.contains(name) {
+        if !allowed.contains(name) || NOT_IN_TRAILERS.contains(name) {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -645,28 +635,6 @@ fn encode_trailers(trailers: &HeaderMap, allowed: &[HeaderName], out: &mut Vec<u
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-}
-
-fn last_token_is_chunked(value: &HeaderValue) -> bool {
-    value
-        .as_bytes()
-        .rsplit(|b| *b == b',')
-        .next()
-        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// A `Content-Length` value: digits only.
-fn digits(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, b| {
-        if b.is_ascii_digit() {
-            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
-    })
 }
 
 /// `date: …\r\n`, formatted at most once a second per thread, as hyper caches it.

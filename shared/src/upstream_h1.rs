@@ -354,11 +354,11 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
         .map(<[u8]>::trim_ascii)
 }
 
-fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+pub(crate) fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
     tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-fn last_token_is(value: &HeaderValue, token: &[u8]) -> bool {
+pub(crate) fn last_token_is(value: &HeaderValue, token: &[u8]) -> bool {
     tokens(value)
         .last()
         .is_some_and(|t| t.eq_ignore_ascii_case(token))
@@ -387,7 +387,7 @@ impl ContentLength {
 }
 
 /// Digits only, no sign, no overflow.
-fn decimal(t: &[u8]) -> Option<u64> {
+pub(crate) fn decimal(t: &[u8]) -> Option<u64> {
     if t.is_empty() {
         return None;
     }
