@@ -87,9 +87,11 @@ fn head_len_at_least<B>(req: &Request<B>) -> usize {
 /// no user info, a numeric port, nothing an authority parser would not accept.
 fn valid_host(host: &HeaderValue) -> bool {
     let bytes = host.as_bytes();
-    if bytes.is_empty() {
-        return true;
-    }
+    bytes.is_empty() || plain_host(bytes) || parsed_host(bytes)
+}
+
+/// Whether an authority parser takes `bytes` as a bare `host[:port]`.
+fn parsed_host(bytes: &[u8]) -> bool {
     if bytes.contains(&b'@') {
         return false;
     }
@@ -98,6 +100,28 @@ fn valid_host(host: &HeaderValue) -> bool {
     };
     // The parser accepts any text after the last `:`; only a port number is a port.
     authority.as_str().len() == authority.host().len() || authority.port_u16().is_some()
+}
+
+/// A host name or IPv4 address of letters, digits, `.`, `-` and `_`, then perhaps `:` and
+/// a port of one to five digits no larger than 65535: what nearly every `Host` is, and a
+/// subset of what [`valid_host`]'s parse accepts. That parse copies the value into an
+/// `Authority` first (callgrind: 1 100 instructions per request, 4 % of the
+/// queue-proxy's); this says yes without it, and leaves anything else to the parse.
+fn plain_host(bytes: &[u8]) -> bool {
+    let (name, port) = match bytes.iter().position(|&b| b == b':') {
+        Some(colon) => (&bytes[..colon], Some(&bytes[colon + 1..])),
+        None => (bytes, None),
+    };
+    let name_ok = !name.is_empty()
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.iter().all(u8::is_ascii_digit)
+            && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= u32::from(u16::MAX)
+    });
+    name_ok && port_ok
 }
 
 /// The `400` for a refused target. The connection closes after it: once a client has sent
@@ -150,6 +174,54 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_plain_host_shortcut_says_yes_only_where_the_parse_does() {
+        let hosts = [
+            "a",
+            "a.example",
+            "a-b_c.example",
+            "10.0.0.1",
+            "a:0",
+            "a:80",
+            "a:65535",
+            "a:00080",
+            "a:65536",
+            "a:99999",
+            "a:123456",
+            "a:",
+            ":80",
+            "a::80",
+            "a:8a",
+            "a b",
+            "a/b",
+            "a?b",
+            "a#b",
+            "a%41",
+            "[::1]",
+            "[::1]:80",
+            "a@b",
+            "a.example.",
+            "-a",
+            "_",
+        ];
+        for host in hosts {
+            let plain = plain_host(host.as_bytes());
+            let parsed = parsed_host(host.as_bytes());
+            assert!(!plain || parsed, "{host:?}: shortcut yes, parse no");
+        }
+        for yes in ["a.example", "10.0.0.1:8080", "a:65535", "hello.default.svc"] {
+            assert!(plain_host(yes.as_bytes()), "{yes}");
+        }
+        for left_to_the_parse in ["a:65536", "a:", ":80", "[::1]:80", "a%41", "a:123456"] {
+            assert!(
+                !plain_host(left_to_the_parse.as_bytes()),
+                "{left_to_the_parse}"
+            );
+        }
+        let mut r = req(Version::HTTP_11, "/", &["a.example:65536"]);
+        assert_eq!(check_target(&mut r), Err(FramingError::MalformedHost));
     }
 
     #[test]
