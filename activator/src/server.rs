@@ -391,8 +391,10 @@ async fn proxy_with_retry(
     let mut attempt = 1;
     loop {
         let addr = permit.addr();
-        proxy::relay_informational(&mut req, conn);
-        let err = match state.upstream.forward_to(addr, req, &state.upgrades).await {
+        let sent = state
+            .upstream
+            .forward_to(addr, req, &state.upgrades, Some(conn));
+        let err = match sent.await {
             Ok(resp) => return Ok((resp, permit)),
             Err(e) => e,
         };

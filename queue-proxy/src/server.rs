@@ -173,9 +173,11 @@ pub fn handle(
                     trace::inject(span, req.headers_mut());
                 }
                 proxy::prepare_request(&mut req, Some(conn.client_ip()));
-                proxy::relay_informational(&mut req, &conn);
                 // The permit rides with the answer; on a timeout it drops with this future.
-                let resp = state.upstream.forward(req, &state.upgrades).await;
+                let resp = state
+                    .upstream
+                    .forward(req, &state.upgrades, Some(&conn))
+                    .await;
                 resp.map(|resp| (resp, permit)).map_err(Refused::Upstream)
             });
             state.timeouts.before_first_byte(started, head).await

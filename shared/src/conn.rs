@@ -53,18 +53,6 @@ pub struct Connection {
     has_admission: AtomicBool,
 }
 
-/// Carried by a request whose upstream's `1xx` heads go on to its client (see
-/// `proxy::relay_informational`).
-#[derive(Debug, Clone)]
-pub struct RelayInformational(pub Arc<Connection>);
-
-impl RelayInformational {
-    /// Sends an upstream's `1xx` head on to the client.
-    pub fn relay(&self, status: StatusCode, headers: &http::HeaderMap) {
-        self.0.informational(Version::HTTP_11, status, headers);
-    }
-}
-
 /// How long the response being written may stall on a client that does not read.
 #[derive(Debug, Clone, Copy, Default)]
 struct WriteLimits {

@@ -36,7 +36,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::conn::RelayInformational;
+use crate::conn::Connection;
 use crate::quickack::UpstreamStream;
 use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
 use crate::upstream_h1::{ExchangeError, H1Body, NotReusable, UpstreamConn};
@@ -166,24 +166,26 @@ impl Pool {
     }
 
     /// Sends `req` to `addr` on a pooled connection, or a new one. The response's body
-    /// gives the connection back when it ends.
+    /// gives the connection back when it ends. The upstream's `1xx` heads (but `100` and
+    /// `101`) go on to `relay`'s client, when there is one.
     ///
     /// An `async move` block rather than an `async fn`, which would keep the request
     /// twice in its future.
     #[allow(clippy::manual_async_fn)] // on purpose: see above
-    pub fn send(
-        &self,
+    pub fn send<'a>(
+        &'a self,
         addr: SocketAddr,
         req: Request<OutboundBody>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
+        relay: Option<&'a Arc<Connection>>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         async move {
             if exchanged_here(&req) {
                 // By reference: moved in, the request would take room twice in the future.
-                return self.exchange(addr, &req).await;
+                return self.exchange(addr, &req, relay).await;
             }
             // Boxed: hyper's client futures would otherwise make every request's future
             // 1.4 KiB larger, and the stack's future is copied whole into its box.
-            Box::pin(self.send_with_hyper(addr, req)).await
+            Box::pin(self.send_with_hyper(addr, req, relay.cloned())).await
         }
     }
 
@@ -192,10 +194,11 @@ impl Pool {
         &self,
         addr: SocketAddr,
         mut req: Request<OutboundBody>,
+        relay: Option<Arc<Connection>>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        if let Some(relay) = req.extensions_mut().remove::<RelayInformational>() {
+        if let Some(relay) = relay {
             hyper::ext::on_informational(&mut req, move |res| {
-                relay.relay(res.status(), res.headers());
+                relay.informational(Version::HTTP_11, res.status(), res.headers());
             });
         }
         let mut sender = match self.checkout(addr).await {
@@ -232,11 +235,11 @@ impl Pool {
         &self,
         addr: SocketAddr,
         req: &Request<OutboundBody>,
+        relay: Option<&Arc<Connection>>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let relay = req.extensions().get::<RelayInformational>();
         let informational = |status: StatusCode, headers: &HeaderMap| {
             if let Some(relay) = relay {
-                relay.relay(status, headers);
+                relay.informational(Version::HTTP_11, status, headers);
             }
         };
         let (mut conn, reused) = match self.checkout_own(addr) {
@@ -697,7 +700,7 @@ mod tests {
         let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(4, Duration::from_secs(60));
         for _ in 0..5 {
-            let resp = pool.send(addr, get()).await.unwrap();
+            let resp = pool.send(addr, get(), None).await.unwrap();
             assert_eq!(read_all(resp).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -709,7 +712,7 @@ mod tests {
         let (addr, accepted) = upstream(b"HTTP/1.1 204 No Content\r\n\r\n").await;
         let pool = pool(4, Duration::from_secs(60));
         for _ in 0..3 {
-            let resp = pool.send(addr, get()).await.unwrap();
+            let resp = pool.send(addr, get(), None).await.unwrap();
             assert_eq!(resp.status(), 204);
             drop(resp);
         }
@@ -720,10 +723,10 @@ mod tests {
     async fn a_response_dropped_half_read_closes_its_connection() {
         let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc").await;
         let pool = pool(4, Duration::from_secs(60));
-        let resp = pool.send(addr, get()).await.unwrap();
+        let resp = pool.send(addr, get(), None).await.unwrap();
         drop(resp);
         assert_eq!(pool.idle(), 0);
-        let _ = pool.send(addr, get()).await.unwrap();
+        let _ = pool.send(addr, get(), None).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -731,11 +734,12 @@ mod tests {
     async fn concurrent_requests_open_connections_and_keep_at_most_max_idle() {
         let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(2, Duration::from_secs(60));
-        let held: Vec<_> = futures_util::future::join_all((0..5).map(|_| pool.send(addr, get())))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let held: Vec<_> =
+            futures_util::future::join_all((0..5).map(|_| pool.send(addr, get(), None)))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
         for resp in held {
             assert_eq!(read_all(resp).await, "ok");
@@ -747,11 +751,11 @@ mod tests {
     async fn idle_connections_older_than_the_timeout_are_closed() {
         let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(4, Duration::from_millis(200));
-        read_all(pool.send(addr, get()).await.unwrap()).await;
+        read_all(pool.send(addr, get(), None).await.unwrap()).await;
         assert_eq!(pool.idle(), 1);
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(pool.idle(), 0, "the reaper closed it");
-        read_all(pool.send(addr, get()).await.unwrap()).await;
+        read_all(pool.send(addr, get(), None).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -759,11 +763,12 @@ mod tests {
     async fn spares_from_a_burst_are_closed_long_before_the_warm_ones() {
         let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(100, Duration::from_secs(60));
-        let burst: Vec<_> = futures_util::future::join_all((0..40).map(|_| pool.send(addr, get())))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let burst: Vec<_> =
+            futures_util::future::join_all((0..40).map(|_| pool.send(addr, get(), None)))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
         for resp in burst {
             read_all(resp).await;
         }
@@ -793,7 +798,7 @@ mod tests {
         });
         let pool = pool(4, Duration::from_secs(60));
         for _ in 0..3 {
-            let resp = pool.send(addr, get()).await.unwrap();
+            let resp = pool.send(addr, get(), None).await.unwrap();
             assert_eq!(read_all(resp).await, "ok");
             // Let the connection task see the close.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -830,7 +835,7 @@ mod tests {
         .await;
         let pool = pool(4, Duration::from_secs(60));
         for _ in 0..3 {
-            let resp = pool.send(addr, get()).await.unwrap();
+            let resp = pool.send(addr, get(), None).await.unwrap();
             let collected = resp.into_body().collect().await.unwrap();
             assert_eq!(collected.trailers().unwrap()["x-sum"], "5");
             assert_eq!(collected.to_bytes(), "abcde");
@@ -845,7 +850,7 @@ mod tests {
         )
         .await;
         let pool = pool(4, Duration::from_secs(60));
-        let resp = pool.send(addr, get()).await.unwrap();
+        let resp = pool.send(addr, get(), None).await.unwrap();
         let err = resp.into_body().collect().await.unwrap_err();
         assert!(err.to_string().contains("invalid chunk size"), "{err}");
         assert_eq!(pool.idle(), 0);
@@ -866,7 +871,7 @@ mod tests {
             let _ = conn.write_all(b"the end").await;
         });
         let pool = pool(4, Duration::from_secs(60));
-        let resp = pool.send(addr, get()).await.unwrap();
+        let resp = pool.send(addr, get(), None).await.unwrap();
         assert_eq!(read_all(resp).await, "until the end");
         assert_eq!(pool.idle(), 0);
     }
@@ -877,7 +882,7 @@ mod tests {
             upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n").await;
         let pool = pool(4, Duration::from_secs(60));
         for _ in 0..2 {
-            let resp = pool.send(addr, get()).await.unwrap();
+            let resp = pool.send(addr, get(), None).await.unwrap();
             assert_eq!(read_all(resp).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -888,14 +893,20 @@ mod tests {
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
         let (addr, accepted) = closing_upstream(1, answer).await;
         let pool = pool(4, Duration::from_secs(60));
-        assert_eq!(read_all(pool.send(addr, get()).await.unwrap()).await, "ok");
+        assert_eq!(
+            read_all(pool.send(addr, get(), None).await.unwrap()).await,
+            "ok"
+        );
         // The kept connection closes when this GET reaches it: a new one carries it.
-        assert_eq!(read_all(pool.send(addr, get()).await.unwrap()).await, "ok");
+        assert_eq!(
+            read_all(pool.send(addr, get(), None).await.unwrap()).await,
+            "ok"
+        );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         // A POST is not repeated, even without a body: the upstream may have acted on it.
         let mut post = get();
         *post.method_mut() = Method::POST;
-        let err = pool.send(addr, post).await.unwrap_err();
+        let err = pool.send(addr, post, None).await.unwrap_err();
         assert!(
             matches!(&err, SendError::Exchange(e) if e.is_lost()),
             "{err:?}"
@@ -910,7 +921,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let err = pool(1, Duration::from_secs(1))
-            .send(addr, get())
+            .send(addr, get(), None)
             .await
             .unwrap_err();
         assert!(

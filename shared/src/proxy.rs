@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::conn::{Connection, RelayInformational};
+use crate::conn::Connection;
 use crate::drain::UpgradeTracker;
 use crate::headers;
 pub use crate::pool::{OutboundBody, UpstreamBody};
@@ -269,13 +269,15 @@ impl Upstream {
     }
 
     /// Sends a request that [`prepare_request`] already cleaned to the fixed upstream. The
-    /// app sees the client's own `Host` / `:authority`.
+    /// app sees the client's own `Host` / `:authority`. `client` is the connection the
+    /// request came on, if the upstream's `1xx` heads should reach it.
     pub fn forward<'a>(
         &'a self,
         req: Request<OutboundBody>,
         upgrades: &'a UpgradeTracker,
+        client: Option<&'a Arc<Connection>>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
-        self.send(Target::Fixed, req, upgrades)
+        self.send(Target::Fixed, req, upgrades, client)
     }
 
     /// Sends a request to `addr`, which also becomes the request's authority (the
@@ -285,8 +287,9 @@ impl Upstream {
         addr: SocketAddr,
         req: Request<OutboundBody>,
         upgrades: &'a UpgradeTracker,
+        client: Option<&'a Arc<Connection>>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
-        self.send(Target::Pod(addr), req, upgrades)
+        self.send(Target::Pod(addr), req, upgrades, client)
     }
 
     /// Returns the response with its hop-by-hop headers removed. Upgrades are spliced in
@@ -301,8 +304,14 @@ impl Upstream {
         target: Target,
         mut req: Request<OutboundBody>,
         upgrades: &'a UpgradeTracker,
+        client: Option<&'a Arc<Connection>>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
         async move {
+            // The upstream's `1xx` heads (103 Early Hints) go on to the client before the
+            // final response, as Go's ReverseProxy sends them; hyper reports them for
+            // HTTP/1 only, and only a plain TCP client can take them.
+            let relay =
+                client.filter(|c| req.version() == Version::HTTP_11 && c.relays_informational());
             // `fixed` is the fixed upstream's authority, which the client's own `Host` wins
             // over; without it, `addr` is the request's host.
             let (addr, fixed) = match target {
@@ -326,21 +335,24 @@ impl Upstream {
                 Box::pin(self.send_h2(addr, req)).await?
             } else {
                 set_h1_target(&mut req, addr, fixed.is_none());
-                self.http1.send(addr, req).await.map_err(|e| match e {
-                    SendError::Connect(e) => ProxyError::Connect {
-                        addr,
-                        reason: error_chain(&e),
-                    },
-                    SendError::Http(e) => classify(addr, &e, error_chain(&e)),
-                    SendError::Exchange(e) if e.is_lost() => ProxyError::Lost {
-                        addr,
-                        reason: error_chain(&e),
-                    },
-                    SendError::Exchange(e) => ProxyError::Upstream {
-                        addr,
-                        reason: error_chain(&e),
-                    },
-                })?
+                self.http1
+                    .send(addr, req, relay)
+                    .await
+                    .map_err(|e| match e {
+                        SendError::Connect(e) => ProxyError::Connect {
+                            addr,
+                            reason: error_chain(&e),
+                        },
+                        SendError::Http(e) => classify(addr, &e, error_chain(&e)),
+                        SendError::Exchange(e) if e.is_lost() => ProxyError::Lost {
+                            addr,
+                            reason: error_chain(&e),
+                        },
+                        SendError::Exchange(e) => ProxyError::Upstream {
+                            addr,
+                            reason: error_chain(&e),
+                        },
+                    })?
             };
             // hyper bounds the head only by its read buffer, which can grow past the limit
             // within one read: hold the app to the size a request head may have.
@@ -454,16 +466,6 @@ impl TunnelHold {
             let _ = sender.send(Box::new(value));
         }
     }
-}
-
-/// Sends the upstream's `1xx` heads (103 Early Hints) on to the client of `conn` before
-/// the final response, as Go's ReverseProxy does. hyper reports them for HTTP/1 only.
-pub fn relay_informational<B>(req: &mut Request<B>, conn: &Arc<Connection>) {
-    if req.version() != Version::HTTP_11 || !conn.relays_informational() {
-        return;
-    }
-    req.extensions_mut()
-        .insert(RelayInformational(Arc::clone(conn)));
 }
 
 fn authority_of(addr: SocketAddr) -> Authority {
@@ -768,7 +770,7 @@ mod tests {
                 .version(Version::HTTP_2)
                 .body(OutboundBody::Right(http_body_util::Empty::new()))
                 .unwrap();
-            let resp = upstream.forward(req, &tracker).await.unwrap();
+            let resp = upstream.forward(req, &tracker, None).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
         }
         // One connection per client, each kept and reused: never one, never one per stream.
@@ -920,7 +922,7 @@ mod tests {
             .body(http_body_util::Either::Right(http_body_util::Empty::new()))
             .unwrap();
         upstream
-            .forward_to(addr, req, &UpgradeTracker::default())
+            .forward_to(addr, req, &UpgradeTracker::default(), None)
             .await
             .unwrap_err()
     }
