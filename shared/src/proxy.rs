@@ -334,7 +334,7 @@ impl Upstream {
                 // larger, HTTP/1 ones too.
                 Box::pin(self.send_h2(addr, req)).await?
             } else {
-                set_h1_target(&mut req, addr, fixed.is_none());
+                set_h1_target(&mut req, fixed.is_none());
                 self.http1
                     .send(addr, req, relay)
                     .await
@@ -478,12 +478,13 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// Points an HTTP/1.1 request at `addr`: origin form, with the client's `Host`, or
-/// `addr` as the host when `force_host` or when the client sent none.
-fn set_h1_target<B>(req: &mut Request<B>, addr: SocketAddr, force_host: bool) {
+/// Points an HTTP/1.1 request at its upstream: origin form, with the client's `Host`
+/// unless `force_host`. A request left with no `Host` gets the upstream's address as its
+/// host from the pool, which knows it per connection rather than formatting it per request.
+fn set_h1_target<B>(req: &mut Request<B>, force_host: bool) {
     *req.version_mut() = Version::HTTP_11;
-    if force_host || !req.headers().contains_key(HOST) {
-        req.headers_mut().insert(HOST, host_of(addr));
+    if force_host {
+        req.headers_mut().remove(HOST);
     }
     let uri = req.uri();
     if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
@@ -493,49 +494,6 @@ fn set_h1_target<B>(req: &mut Request<B>, addr: SocketAddr, force_host: bool) {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
     }
-}
-
-/// `ip:port` as a `Host` value, formatted on the stack rather than through a `String`
-/// and an `Authority` parse: the activator sends every request to a pod's address. An
-/// IPv4 address is written digit by digit: through `fmt`, `SocketAddr`'s `Display` cost
-/// the activator 1 400 instructions per request (callgrind), 4 % of all it does.
-fn host_of(addr: SocketAddr) -> HeaderValue {
-    use std::io::Write;
-    // `[` + 39 + `]:` + 5 for the longest IPv6 address: 47 bytes.
-    let mut buf = [0u8; 64];
-    let mut rest = &mut buf[..];
-    let written = match addr {
-        SocketAddr::V4(v4) => {
-            let [a, b, c, d] = v4.ip().octets();
-            write_decimal(&mut rest, a.into())
-                .and_then(|()| rest.write_all(b"."))
-                .and_then(|()| write_decimal(&mut rest, b.into()))
-                .and_then(|()| rest.write_all(b"."))
-                .and_then(|()| write_decimal(&mut rest, c.into()))
-                .and_then(|()| rest.write_all(b"."))
-                .and_then(|()| write_decimal(&mut rest, d.into()))
-                .and_then(|()| rest.write_all(b":"))
-                .and_then(|()| write_decimal(&mut rest, v4.port().into()))
-        }
-        SocketAddr::V6(_) => write!(rest, "{addr}"),
-    };
-    let len = if written.is_ok() { 64 - rest.len() } else { 0 };
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("0.0.0.0"))
-}
-
-/// Writes `n` in decimal.
-fn write_decimal(out: &mut impl std::io::Write, mut n: u32) -> std::io::Result<()> {
-    let mut digits = [0u8; 10];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.write_all(&digits[start..])
 }
 
 /// Points an h2 request at the upstream: an absolute URI for hyper-util's pool, the host
@@ -942,26 +900,20 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_address_is_its_host() {
-        assert_eq!(host_of("10.1.2.3:8012".parse().unwrap()), "10.1.2.3:8012");
-        assert_eq!(host_of("0.0.0.0:0".parse().unwrap()), "0.0.0.0:0");
-        assert_eq!(
-            host_of("255.255.255.255:65535".parse().unwrap()),
-            "255.255.255.255:65535"
-        );
-        assert_eq!(
-            host_of("[fd00:1:2:3:4:5:6:7]:65535".parse().unwrap()),
-            "[fd00:1:2:3:4:5:6:7]:65535"
-        );
-        let mut req = Request::get("http://example.com/a?b=1").body(()).unwrap();
-        set_h1_target(&mut req, "10.0.0.1:80".parse().unwrap(), true);
+    fn an_h1_target_is_origin_form_with_the_clients_host_unless_forced() {
+        let mut req = Request::get("http://example.com/a?b=1")
+            .header(HOST, "example.com")
+            .body(())
+            .unwrap();
+        set_h1_target(&mut req, true);
         assert_eq!(req.uri(), "/a?b=1");
-        assert_eq!(req.headers()[HOST], "10.0.0.1:80");
+        // The pool sends the upstream's address as the host of a request with none.
+        assert!(req.headers().get(HOST).is_none());
         let mut req = Request::get("/x")
             .header(HOST, "app.example")
             .body(())
             .unwrap();
-        set_h1_target(&mut req, "10.0.0.1:80".parse().unwrap(), false);
+        set_h1_target(&mut req, false);
         assert_eq!(
             (req.uri().path(), &req.headers()[HOST]),
             ("/x", &HeaderValue::from_static("app.example"))

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::TRANSFER_ENCODING;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,15 +78,18 @@ pub struct UpstreamConn {
     write: Vec<u8>,
     /// The room the next body read asks for.
     chunk: usize,
+    /// The upstream's address, the `Host` of a request that has none.
+    host: HeaderValue,
 }
 
 impl UpstreamConn {
-    pub fn new(stream: TcpStream, quick_ack: bool) -> Self {
+    pub fn new(stream: TcpStream, quick_ack: bool, host: HeaderValue) -> Self {
         Self {
             io: UpstreamStream::new(stream, quick_ack),
             read: BytesMut::new(),
             write: Vec::new(),
             chunk: READ_CHUNK,
+            host,
         }
     }
 
@@ -116,7 +119,7 @@ impl UpstreamConn {
         req: &Request<B>,
         mut informational: impl FnMut(StatusCode, &HeaderMap),
     ) -> Result<(http::response::Parts, Decode), ExchangeError> {
-        encode_head(req, &mut self.write);
+        encode_head(req, &self.host, &mut self.write);
         self.chunk = READ_CHUNK;
         if let Err(e) = self.io.write_all(&self.write).await {
             return Err(ExchangeError::Lost(e));
@@ -167,18 +170,26 @@ impl UpstreamConn {
 }
 
 /// Writes the request line and header lines as hyper's client does: origin form, the
-/// names as they are held (lower case), no body framing (the body is empty).
-fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
+/// names as they are held (lower case), no body framing (the body is empty). A request
+/// with no `Host` is sent with `host`, which HTTP/1.1 requires (RFC 9112 §3.2).
+fn encode_head<B>(req: &Request<B>, host: &HeaderValue, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
     for (name, value) in req.headers() {
+        has_host |= name == HOST;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -403,13 +414,13 @@ pub(crate) fn decimal(t: &[u8]) -> Option<u64> {
 /// gives back a connection fit for another request.
 #[derive(Debug)]
 pub struct H1Body {
-    conn: Option<UpstreamConn>,
+    conn: Option<Box<UpstreamConn>>,
     decode: Decode,
     reusable: bool,
 }
 
 impl H1Body {
-    pub fn new(conn: UpstreamConn, decode: Decode, reusable: bool) -> Self {
+    pub fn new(conn: Box<UpstreamConn>, decode: Decode, reusable: bool) -> Self {
         let mut body = Self {
             conn: Some(conn),
             decode,
@@ -422,7 +433,7 @@ impl H1Body {
     }
 
     /// The connection, once the body ended and left it fit for another request.
-    pub fn finished(&mut self) -> Option<UpstreamConn> {
+    pub fn finished(&mut self) -> Option<Box<UpstreamConn>> {
         // `end` keeps the connection only when it can carry another request.
         if self.decode == Decode::Done {
             return self.conn.take();
@@ -780,10 +791,18 @@ mod tests {
             .body(())
             .unwrap();
         let mut out = Vec::new();
-        encode_head(&req, &mut out);
+        let pod = HeaderValue::from_static("10.0.0.1:8012");
+        encode_head(&req, &pod, &mut out);
         assert_eq!(
             out,
             b"GET /a?b=c HTTP/1.1\r\nhost: example.com\r\nx-y: z\r\n\r\n"
+        );
+        // With no Host of its own, the request names the upstream.
+        let req = Request::get("/").header("x-y", "z").body(()).unwrap();
+        encode_head(&req, &pod, &mut out);
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nx-y: z\r\nhost: 10.0.0.1:8012\r\n\r\n"
         );
     }
 
