@@ -709,26 +709,40 @@ mod tests {
     /// An upstream answering every request on a connection with `answer`, counting the
     /// connections it accepted.
     async fn upstream(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
-        counting_upstream(move |mut conn| async move {
-            let mut buf = vec![0u8; 4096];
-            let mut seen = Vec::new();
-            loop {
-                let Ok(n) = conn.read(&mut buf).await else {
-                    return;
-                };
-                if n == 0 {
-                    return;
-                }
-                seen.extend_from_slice(&buf[..n]);
-                while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                    seen.drain(..end + 4);
-                    if conn.write_all(answer).await.is_err() {
-                        return;
+        let (addr, accepted, _heads) = recording_upstream(answer).await;
+        (addr, accepted)
+    }
+
+    /// As [`upstream`] (requests without a body), also sending every head it read down
+    /// the channel.
+    async fn recording_upstream(
+        answer: &'static [u8],
+    ) -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (addr, accepted) = counting_upstream(move |mut conn| {
+            let tx = tx.clone();
+            async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = seen.drain(..end + 4).collect();
+                        // No one listening is fine: most tests only count connections.
+                        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                        if conn.write_all(answer).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
         })
-        .await
+        .await;
+        (addr, accepted, rx)
     }
 
     fn pool(max_idle: usize, idle_timeout: Duration) -> Pool {
@@ -999,35 +1013,10 @@ mod tests {
         );
     }
 
-    /// An upstream that answers each request (no body) with `200`, and sends every head
-    /// it read down the channel.
-    async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (addr, _) = counting_upstream(move |mut conn| {
-            let tx = tx.clone();
-            async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while let Ok(n @ 1..) = conn.read(&mut buf).await {
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head: Vec<u8> = seen.drain(..end + 4).collect();
-                        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if conn.write_all(ok).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        })
-        .await;
-        (addr, rx)
-    }
-
     #[tokio::test]
     async fn a_request_with_no_host_is_sent_with_the_upstreams_address_on_both_paths() {
-        let (addr, mut heads) = recording_upstream().await;
+        let (addr, _, mut heads) =
+            recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(4, Duration::from_secs(60));
         let expected = format!("host: {addr}\r\n");
         // No body: this module's own exchange.
