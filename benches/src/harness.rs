@@ -131,8 +131,44 @@ impl App {
 
 /// A free port that nothing listens on (for "app refuses connections").
 pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    unclaimed_port()
+}
+
+/// The lowest port [`unclaimed_port`] hands out: above the well-known and registered
+/// services a test machine may run.
+const UNCLAIMED_FROM: u32 = 10_000;
+
+/// A port no one listens on, taken from below the kernel's ephemeral range.
+///
+/// A port found by binding `:0` and closing goes back into the pool that every `bind(0)`
+/// and outgoing connection draws from, so a child started a moment later (or the very
+/// process about to be told the port) can be handed it first: CI once failed with a
+/// queue-proxy's "cannot listen on serving port …: Address already in use". Ports below
+/// the ephemeral range are only ever taken by name. Within this process a counter keeps
+/// them distinct; the start is spread by pid so test binaries running at once (and a
+/// bench next to a test) draw from different places; a bind check skips any in use.
+fn unclaimed_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(UNCLAIMED_FROM);
+    if span < 1_000 {
+        // A machine whose ephemeral range starts low leaves no room: fall back to `:0`.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        return l.local_addr().unwrap().port();
+    }
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(UNCLAIMED_FROM + (start + n) % span).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("every port from {UNCLAIMED_FROM} to {ephemeral_low} is in use");
 }
 
 /// The environment Knative's controller gives a queue-proxy, pointed at `user_port`, with
@@ -407,10 +443,9 @@ pub async fn http1_conn(addr: SocketAddr) -> hyper::client::conn::http1::SendReq
     sender
 }
 
-/// A free port: bound, then released (for configs that must name a port before the
-/// process behind it starts).
+/// A free port for configs that must name a port before the process behind it starts.
 pub fn free_port() -> u16 {
-    closed_port()
+    unclaimed_port()
 }
 
 /// The resident set size of a process, in KiB.
@@ -610,5 +645,25 @@ impl App {
     /// The app's process id, for the benches' CPU and memory figures.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("test app still running")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        for port in ports {
+            assert!(port < low, "{port} is in the ephemeral range from {low}");
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
     }
 }
