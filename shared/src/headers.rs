@@ -116,6 +116,19 @@ pub const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::TRANSFER_ENCODING,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]. Each comparison is against a `const`, which
+/// the compiler reduces to a tag check for the standard names; `HOP_BY_HOP.contains`
+/// built and dropped the seven names for every header line it was asked about.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == http::header::CONNECTION
+        || *name == http::header::TE
+        || *name == http::header::TRANSFER_ENCODING
+        || *name == http::header::PROXY_AUTHENTICATE
+        || *name == http::header::PROXY_AUTHORIZATION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +158,23 @@ mod tests {
             headers.insert(name.clone(), http::HeaderValue::from_static("1"));
             // Its own flag, and only that.
             assert_eq!(Carried::scan(&headers), flag, "{name}");
+        }
+    }
+
+    #[test]
+    fn is_hop_by_hop_says_yes_for_exactly_the_listed_names() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            http::header::UPGRADE,
+            http::header::TRAILER,
+            http::header::HOST,
+            http::header::CONTENT_LENGTH,
+            HeaderName::from_static("keep-alive-x"),
+            HeaderName::from_static("x-connection"),
+        ] {
+            assert!(!is_hop_by_hop(&name), "{name}");
         }
     }
 
