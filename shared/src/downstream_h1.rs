@@ -207,11 +207,23 @@ pub fn take_plain_request(bytes: &[u8]) -> (Option<(Request<RequestBody>, bool, 
     (taken, read.freeze())
 }
 
-/// Where one header line's name and value are in the head.
+/// Where one header line's name and value are in the head. `u32`: a head is at most
+/// `MAX_HEADER_BYTES`, and `parse` zeroes an array of these for each request (at
+/// `usize`, 2 KiB of it).
 #[derive(Clone, Copy, Default)]
 struct Line {
-    name: (usize, usize),
-    value: (usize, usize),
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Line {
+    fn name<'h>(&self, head: &'h [u8]) -> &'h [u8] {
+        &head[self.name.0 as usize..self.name.1 as usize]
+    }
+
+    fn value(&self, head: &Bytes) -> Bytes {
+        head.slice(self.value.0 as usize..self.value.1 as usize)
+    }
 }
 
 /// Parses the head at the start of `read`. Never inlined: its header slots stay on the
@@ -250,10 +262,15 @@ fn parse(read: &mut BytesMut) -> Parsed {
     };
     let mut lines = [Line::default(); HEADER_LINES];
     let count = parsed.headers.len();
+    // Every offset is inside the head, which is at most `MAX_HEADER_BYTES`: `u32` holds it.
+    let at32 = |part: &[u8]| {
+        let (start, end) = at(part);
+        (start as u32, end as u32)
+    };
     for (line, h) in lines.iter_mut().zip(parsed.headers.iter()) {
         *line = Line {
-            name: at(h.name.as_bytes()),
-            value: at(h.value),
+            name: at32(h.name.as_bytes()),
+            value: at32(h.value),
         };
     }
     let head = read.split_to(len).freeze();
@@ -288,8 +305,8 @@ fn build(
     let mut length_seen = false;
     let mut wants_trailers = false;
     for line in lines {
-        let name = HeaderName::from_bytes(&head[line.name.0..line.name.1]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(line.value.0..line.value.1)).ok()?;
+        let name = HeaderName::from_bytes(line.name(head)).ok()?;
+        let value = HeaderValue::from_maybe_shared(line.value(head)).ok()?;
         if name == CONTENT_LENGTH {
             // No body is `Content-Length: 0`, said once; any other is hyper's to frame.
             if length_seen || value.as_bytes() != b"0" {
@@ -614,8 +631,8 @@ fn encode_head(
 }
 
 /// Fields a trailer may never carry (hyper's list): they frame, route or describe the
-/// message as a whole.
-const NOT_IN_TRAILERS: [HeaderName; 12] = [
+/// message as a whole. A `static`: a `const` array would be built and dropped per line.
+static NOT_IN_TRAILERS: [HeaderName; 12] = [
     http::header::AUTHORIZATION,
     http::header::CACHE_CONTROL,
     http::header::CONTENT_ENCODING,
