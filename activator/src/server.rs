@@ -15,7 +15,7 @@ use thaw_shared::conn::Connection;
 use thaw_shared::drain::UpgradeTracker;
 use thaw_shared::framing;
 use thaw_shared::headers::{self, Carried};
-use thaw_shared::proxy::{self, ProxyError, Upstream, UpstreamBody};
+use thaw_shared::proxy::{self, AddedLines, ProxyError, Upstream, UpstreamBody};
 use thaw_shared::serve::RequestBody;
 use thaw_shared::stats::InFlight;
 use thaw_shared::timeout::TimedOut;
@@ -214,7 +214,6 @@ pub fn handle(
         let result = if timed_out {
             Err(TimedOut)
         } else {
-            rewrite_for_pod(&mut req, conn.client_ip(), carried);
             // Pinned where it is made: the timeout then holds a pointer to it, where it
             // would otherwise copy the whole future at each layer.
             let head = std::pin::pin!(throttle_and_proxy(
@@ -222,6 +221,7 @@ pub fn handle(
                 &revision,
                 &conn,
                 req,
+                carried,
                 started,
                 guard.span.as_deref(),
                 slot,
@@ -289,32 +289,40 @@ type ParkedSlot = (bool, Result<PodPermit, ThrottleError>);
 /// An `async move` block rather than an `async fn`, which would keep the request twice in
 /// its future.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
+#[allow(clippy::too_many_arguments)] // the request's own inputs, each used once; a struct would only rename them
 fn throttle_and_proxy<'a>(
     state: &'a State,
     revision: &'a Revision,
     conn: &'a Arc<Connection>,
     req: Request<RequestBody>,
+    carried: Carried,
     started: Instant,
     span: Option<&'a tracing::Span>,
     parked: Option<ParkedSlot>,
 ) -> impl Future<Output = Result<Proxied, Refused>> + Send + 'a {
     async move {
         let (mut parts, body) = req.into_parts();
-        // With tracing on, the pod's parent is this activator's span; off, the caller's
-        // `traceparent` and `tracestate` pass untouched like any other header.
-        if let Some(span) = span {
-            trace::inject(span, &mut parts.headers);
-        }
         let (permit, cold) = match parked {
             Some((cold, slot)) => (slot.map_err(Refused::Throttled)?, cold),
             None => wait_for_slot(state, revision, &mut parts, &body, span).await?,
         };
         let cold_wait = cold.then(|| started.elapsed());
+        // Rewritten once a pod is found, so that a parked request holds only its head.
+        let added = rewrite_for_pod(&mut parts, conn.client_ip(), carried);
+        // With tracing on, the pod's parent is this activator's span; off, the caller's
+        // `traceparent` and `tracestate` pass untouched like any other header. After the
+        // rewrite, whose hop-by-hop pass would drop a `traceparent` the client listed in
+        // `Connection`.
+        if let Some(span) = span {
+            trace::inject(span, &mut parts.headers);
+        }
         // The proxying state (the pooled client's futures) is several kilobytes. Boxing it
         // here, once a pod is found, keeps it out of every parked request: a parked request
         // holds only its head and its place in the queue.
-        let (resp, permit) =
-            Box::pin(proxy_with_retry(state, revision, conn, parts, body, permit)).await?;
+        let (resp, permit) = Box::pin(proxy_with_retry(
+            state, revision, conn, parts, body, &added, permit,
+        ))
+        .await?;
         Ok((resp, permit, cold_wait))
     }
 }
@@ -374,6 +382,7 @@ async fn proxy_with_retry(
     conn: &Arc<Connection>,
     parts: Parts,
     body: RequestBody,
+    added: &AddedLines,
     mut permit: PodPermit,
 ) -> Result<(Response<UpstreamBody>, PodPermit), Refused> {
     let bodiless = body.is_end_stream() && !proxy::is_upgrade(parts.version, &parts.headers);
@@ -393,7 +402,7 @@ async fn proxy_with_retry(
         let addr = permit.addr();
         let sent = state
             .upstream
-            .forward_to(addr, req, &state.upgrades, Some(conn));
+            .forward_to(addr, req, added, &state.upgrades, Some(conn));
         let err = match sent.await {
             Ok(resp) => return Ok((resp, permit)),
             Err(e) => e,
@@ -428,19 +437,28 @@ async fn proxy_with_retry(
 }
 
 /// CONTRACT §2.2 outbound rules: `Host` moves to `K-Original-Host`, the request is marked
-/// as coming from the activator, Knative routing and hop-by-hop headers go.
-fn rewrite_for_pod<B>(req: &mut Request<B>, client_ip: &HeaderValue, carried: Carried) {
-    let host = req.headers_mut().remove(HOST).or_else(|| {
-        req.uri()
+/// as coming from the activator, Knative routing and hop-by-hop headers go. The headers
+/// the activator adds are returned beside the request rather than put in its map (see
+/// [`AddedLines`]); any copy the client sent of them is removed.
+fn rewrite_for_pod(parts: &mut Parts, client_ip: &HeaderValue, carried: Carried) -> AddedLines {
+    let mut added = AddedLines::new();
+    let headers = &mut parts.headers;
+    let host = headers.remove(HOST).or_else(|| {
+        parts
+            .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let version = req.version();
-    let headers = req.headers_mut();
-    if let Some(host) = host {
-        headers.insert(headers::K_ORIGINAL_HOST, host);
+    if carried.has(Carried::ORIGINAL_HOST) {
+        headers.remove(headers::K_ORIGINAL_HOST);
     }
-    headers.insert(
+    if let Some(host) = host {
+        added.push(headers::K_ORIGINAL_HOST, host);
+    }
+    if carried.has(Carried::PROXY_REQUEST) {
+        headers.remove(headers::K_PROXY_REQUEST);
+    }
+    added.push(
         headers::K_PROXY_REQUEST,
         HeaderValue::from_static(headers::PROXY_REQUEST_ACTIVATOR),
     );
@@ -459,13 +477,14 @@ fn rewrite_for_pod<B>(req: &mut Request<B>, client_ip: &HeaderValue, carried: Ca
     if carried.has(Carried::KUBELET_PROBE) {
         headers.remove(headers::K_KUBELET_PROBE);
     }
-    let upgrade = proxy::is_upgrade(version, headers);
+    let upgrade = proxy::is_upgrade(parts.version, headers);
     proxy::strip_hop_by_hop(headers, upgrade);
     if carried.has(Carried::FORWARDED_FOR) {
         proxy::append_forwarded_for(headers, client_ip);
     } else {
-        headers.insert(headers::X_FORWARDED_FOR, client_ip.clone());
+        added.push(headers::X_FORWARDED_FOR, client_ip.clone());
     }
+    added
 }
 
 /// Copies the request head out of the server's read buffer. hyper parses header values
@@ -603,17 +622,19 @@ mod tests {
             .header("knative-serving-namespace", "default")
             .header("knative-serving-anything", "x")
             .header("k-kubelet-probe", "queue")
+            .header("k-original-host", "spoofed.example")
+            .header("k-proxy-request", "spoofed")
             .header("connection", "keep-alive")
             .header("x-kept", "1")
             .body(())
             .unwrap();
-        let mut req = req;
-        let carried = Carried::scan(req.headers());
-        rewrite_for_pod(&mut req, &HeaderValue::from_static("10.0.0.7"), carried);
-        let h = req.headers();
-        assert_eq!(h[headers::K_ORIGINAL_HOST], "hello.local");
-        assert_eq!(h[headers::K_PROXY_REQUEST], "activator");
-        assert_eq!(h[headers::X_FORWARDED_FOR], "10.0.0.7");
+        let (mut parts, ()) = req.into_parts();
+        let carried = Carried::scan(&parts.headers);
+        let added = rewrite_for_pod(&mut parts, &HeaderValue::from_static("10.0.0.7"), carried);
+        assert_eq!(added.get(&headers::K_ORIGINAL_HOST).unwrap(), "hello.local");
+        assert_eq!(added.get(&headers::K_PROXY_REQUEST).unwrap(), "activator");
+        assert_eq!(added.get(&headers::X_FORWARDED_FOR).unwrap(), "10.0.0.7");
+        let h = &parts.headers;
         assert_eq!(h["x-kept"], "1");
         for gone in [
             "host",
@@ -622,8 +643,26 @@ mod tests {
             "knative-serving-anything",
             "k-kubelet-probe",
             "connection",
+            // The client's own copies: only the activator's are sent.
+            "k-original-host",
+            "k-proxy-request",
         ] {
             assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
         }
+        assert_eq!(added.iter().count(), 3);
+    }
+
+    #[test]
+    fn a_client_x_forwarded_for_is_appended_to_in_the_map() {
+        let req = Request::get("/")
+            .header(HOST, "hello.local")
+            .header("x-forwarded-for", "203.0.113.5")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        let carried = Carried::scan(&parts.headers);
+        let added = rewrite_for_pod(&mut parts, &HeaderValue::from_static("10.0.0.7"), carried);
+        assert_eq!(parts.headers["x-forwarded-for"], "203.0.113.5, 10.0.0.7");
+        assert!(added.get(&headers::X_FORWARDED_FOR).is_none());
     }
 }

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::conn::Connection;
 use crate::drain::UpgradeTracker;
 use crate::headers;
-pub use crate::pool::{OutboundBody, UpstreamBody};
+pub use crate::pool::{AddedLines, OutboundBody, UpstreamBody, NO_ADDED_LINES};
 use crate::pool::{Pool, PoolSettings, SendError};
 use crate::quickack::UpstreamStream;
 use crate::serve::MAX_HEADER_BYTES;
@@ -278,19 +278,20 @@ impl Upstream {
         upgrades: &'a UpgradeTracker,
         client: Option<&'a Arc<Connection>>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
-        self.send(Target::Fixed, req, upgrades, client)
+        self.send(Target::Fixed, req, &NO_ADDED_LINES, upgrades, client)
     }
 
-    /// Sends a request to `addr`, which also becomes the request's authority (the
-    /// activator moved the client's `Host` to `K-Original-Host` already).
+    /// Sends a request, with `added`'s lines, to `addr`, which also becomes the request's
+    /// authority (the activator moved the client's `Host` to `K-Original-Host` already).
     pub fn forward_to<'a>(
         &'a self,
         addr: SocketAddr,
         req: Request<OutboundBody>,
+        added: &'a AddedLines,
         upgrades: &'a UpgradeTracker,
         client: Option<&'a Arc<Connection>>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
-        self.send(Target::Pod(addr), req, upgrades, client)
+        self.send(Target::Pod(addr), req, added, upgrades, client)
     }
 
     /// Returns the response with its hop-by-hop headers removed. Upgrades are spliced in
@@ -304,6 +305,7 @@ impl Upstream {
         &'a self,
         target: Target,
         mut req: Request<OutboundBody>,
+        added: &'a AddedLines,
         upgrades: &'a UpgradeTracker,
         client: Option<&'a Arc<Connection>>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
@@ -329,6 +331,7 @@ impl Upstream {
             };
             let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
             let mut resp = if req.version() == Version::HTTP_2 {
+                added.insert_into(req.headers_mut());
                 let authority = fixed.cloned().unwrap_or_else(|| authority_of(addr));
                 set_h2_target(&mut req, authority, fixed.is_none());
                 // Boxed: hyper-util's client future would make every request's future 1.8 KiB
@@ -337,7 +340,7 @@ impl Upstream {
             } else {
                 set_h1_target(&mut req, fixed.is_none());
                 self.http1
-                    .send(addr, req, relay)
+                    .send(addr, req, added, relay)
                     .await
                     .map_err(|e| match e {
                         SendError::Connect(e) => ProxyError::Connect {
@@ -919,7 +922,7 @@ mod tests {
             .body(http_body_util::Either::Right(http_body_util::Empty::new()))
             .unwrap();
         upstream
-            .forward_to(addr, req, &UpgradeTracker::default(), None)
+            .forward_to(addr, req, &NO_ADDED_LINES, &UpgradeTracker::default(), None)
             .await
             .unwrap_err()
     }

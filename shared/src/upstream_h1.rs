@@ -29,6 +29,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::pool::AddedLines;
 use crate::quickack::UpstreamStream;
 use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
 
@@ -117,9 +118,10 @@ impl UpstreamConn {
     pub async fn exchange<B>(
         &mut self,
         req: &Request<B>,
+        added: &AddedLines,
         mut informational: impl FnMut(StatusCode, &HeaderMap),
     ) -> Result<(http::response::Parts, Decode), ExchangeError> {
-        encode_head(req, &self.host, &mut self.write);
+        encode_head(req, &self.host, added, &mut self.write);
         self.chunk = READ_CHUNK;
         if let Err(e) = self.io.write_all(&self.write).await {
             return Err(ExchangeError::Lost(e));
@@ -172,7 +174,7 @@ impl UpstreamConn {
 /// Writes the request line and header lines as hyper's client does: origin form, the
 /// names as they are held (lower case), no body framing (the body is empty). A request
 /// with no `Host` is sent with `host`, which HTTP/1.1 requires (RFC 9112 §3.2).
-fn encode_head<B>(req: &Request<B>, host: &HeaderValue, out: &mut Vec<u8>) {
+fn encode_head<B>(req: &Request<B>, host: &HeaderValue, added: &AddedLines, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -180,7 +182,7 @@ fn encode_head<B>(req: &Request<B>, host: &HeaderValue, out: &mut Vec<u8>) {
     out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_host = false;
-    for (name, value) in req.headers() {
+    for (name, value) in req.headers().iter().chain(added.iter()) {
         has_host |= name == HOST;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -792,18 +794,46 @@ mod tests {
             .unwrap();
         let mut out = Vec::new();
         let pod = HeaderValue::from_static("10.0.0.1:8012");
-        encode_head(&req, &pod, &mut out);
+        let none = AddedLines::new();
+        encode_head(&req, &pod, &none, &mut out);
         assert_eq!(
             out,
             b"GET /a?b=c HTTP/1.1\r\nhost: example.com\r\nx-y: z\r\n\r\n"
         );
         // With no Host of its own, the request names the upstream.
         let req = Request::get("/").header("x-y", "z").body(()).unwrap();
-        encode_head(&req, &pod, &mut out);
+        encode_head(&req, &pod, &none, &mut out);
         assert_eq!(
             out,
             b"GET / HTTP/1.1\r\nx-y: z\r\nhost: 10.0.0.1:8012\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn added_lines_follow_the_requests_own() {
+        let req = Request::get("/").header("x-y", "z").body(()).unwrap();
+        let mut added = AddedLines::new();
+        added.push(
+            HeaderName::from_static("k-original-host"),
+            HeaderValue::from_static("hello.local"),
+        );
+        added.push(
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderValue::from_static("10.0.0.9"),
+        );
+        let mut out = Vec::new();
+        let pod = HeaderValue::from_static("10.0.0.1:8012");
+        encode_head(&req, &pod, &added, &mut out);
+        assert_eq!(
+            out,
+            &b"GET / HTTP/1.1\r\nx-y: z\r\nk-original-host: hello.local\r\n\
+               x-forwarded-for: 10.0.0.9\r\nhost: 10.0.0.1:8012\r\n\r\n"[..]
+        );
+        // An added Host stands for the request's: the upstream's is not written too.
+        let mut added = AddedLines::new();
+        added.push(HOST, HeaderValue::from_static("a.example"));
+        encode_head(&req, &pod, &added, &mut out);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nx-y: z\r\nhost: a.example\r\n\r\n");
     }
 
     #[test]
