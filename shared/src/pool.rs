@@ -89,6 +89,19 @@ impl AddedLines {
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
+    /// Lines from static names and values, for tests.
+    #[cfg(test)]
+    pub(crate) fn of(lines: &[(&'static str, &'static str)]) -> Self {
+        let mut added = Self::new();
+        for (name, value) in lines {
+            added.push(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        added
+    }
+
     /// Puts the lines into `headers`, for a client that sends only what the map holds.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
         for (name, value) in self.iter() {
@@ -1110,15 +1123,10 @@ mod tests {
         let (addr, _, mut heads) =
             recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(4, Duration::from_secs(60));
-        let mut added = AddedLines::new();
-        added.push(
-            HeaderName::from_static("k-proxy-request"),
-            HeaderValue::from_static("activator"),
-        );
-        added.push(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_static("10.0.0.9"),
-        );
+        let added = AddedLines::of(&[
+            ("k-proxy-request", "activator"),
+            ("x-forwarded-for", "10.0.0.9"),
+        ]);
         let upgrade = || {
             Request::get("/")
                 .header("host", "a")

@@ -812,15 +812,10 @@ mod tests {
     #[test]
     fn added_lines_follow_the_requests_own() {
         let req = Request::get("/").header("x-y", "z").body(()).unwrap();
-        let mut added = AddedLines::new();
-        added.push(
-            HeaderName::from_static("k-original-host"),
-            HeaderValue::from_static("hello.local"),
-        );
-        added.push(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_static("10.0.0.9"),
-        );
+        let added = AddedLines::of(&[
+            ("k-original-host", "hello.local"),
+            ("x-forwarded-for", "10.0.0.9"),
+        ]);
         let mut out = Vec::new();
         let pod = HeaderValue::from_static("10.0.0.1:8012");
         encode_head(&req, &pod, &added, &mut out);
