@@ -827,6 +827,17 @@ mod tests {
             .unwrap()
     }
 
+    /// `n` requests sent at once, their responses held (so each kept its connection).
+    async fn burst(pool: &Pool, addr: SocketAddr, n: usize) -> Vec<Response<UpstreamBody>> {
+        futures_util::future::join_all(
+            (0..n).map(|_| pool.send(addr, get(), &NO_ADDED_LINES, None)),
+        )
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+    }
+
     async fn read_all(resp: Response<UpstreamBody>) -> Bytes {
         resp.into_body().collect().await.unwrap().to_bytes()
     }
@@ -870,13 +881,7 @@ mod tests {
     async fn concurrent_requests_open_connections_and_keep_at_most_max_idle() {
         let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(2, Duration::from_secs(60));
-        let held: Vec<_> = futures_util::future::join_all(
-            (0..5).map(|_| pool.send(addr, get(), &NO_ADDED_LINES, None)),
-        )
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+        let held = burst(&pool, addr, 5).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
         for resp in held {
             assert_eq!(read_all(resp).await, "ok");
@@ -900,14 +905,7 @@ mod tests {
     async fn spares_from_a_burst_are_closed_long_before_the_warm_ones() {
         let (addr, accepted) = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = pool(100, Duration::from_secs(60));
-        let burst: Vec<_> = futures_util::future::join_all(
-            (0..40).map(|_| pool.send(addr, get(), &NO_ADDED_LINES, None)),
-        )
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-        for resp in burst {
+        for resp in burst(&pool, addr, 40).await {
             read_all(resp).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 40);

@@ -624,6 +624,7 @@ fn trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::NO_ADDED_LINES;
 
     fn parsed(head: &'static [u8]) -> Result<Parsed, ExchangeError> {
         parse_head(&Bytes::from_static(head), false)
@@ -794,15 +795,14 @@ mod tests {
             .unwrap();
         let mut out = Vec::new();
         let pod = HeaderValue::from_static("10.0.0.1:8012");
-        let none = AddedLines::new();
-        encode_head(&req, &pod, &none, &mut out);
+        encode_head(&req, &pod, &NO_ADDED_LINES, &mut out);
         assert_eq!(
             out,
             b"GET /a?b=c HTTP/1.1\r\nhost: example.com\r\nx-y: z\r\n\r\n"
         );
         // With no Host of its own, the request names the upstream.
         let req = Request::get("/").header("x-y", "z").body(()).unwrap();
-        encode_head(&req, &pod, &none, &mut out);
+        encode_head(&req, &pod, &NO_ADDED_LINES, &mut out);
         assert_eq!(
             out,
             b"GET / HTTP/1.1\r\nx-y: z\r\nhost: 10.0.0.1:8012\r\n\r\n"
