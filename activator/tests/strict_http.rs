@@ -79,3 +79,9 @@ async fn a_client_sent_kubelet_probe_header_never_reaches_a_pod() {
     assert_eq!(app.heads().len(), before);
     assert!(app.last_head("/bypass").is_none());
 }
+
+#[tokio::test]
+async fn an_answers_lines_pass_on_as_they_came_through_both_hops() {
+    let (_app, _qp, act) = start().await;
+    checks::answer_lines(act.http, HOST).await;
+}

@@ -125,6 +125,9 @@ b\r\nhello world\r\n0\r\n\r\n"
 5\r\nhello\r\n0\r\nx-checksum: abc123\r\n\r\n"
                 .to_vec()
         }
+        "/cased" => {
+            b"HTTP/1.1 200 OK\r\nX-Cased-Name: Value\r\nContent-Length: 2\r\n\r\nok".to_vec()
+        }
         "/early-hints" => b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
 HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
             .to_vec(),
@@ -354,6 +357,28 @@ pub mod checks {
             assert_eq!(status_of(rest), Some(200), "{resp}");
             assert!(rest.ends_with("ok"), "{resp}");
         }
+    }
+
+    /// An answer's header lines reach the client whichever path writes its head: on the
+    /// plain path as the app sent them (its spelling of names kept, lines copied whole),
+    /// through hyper's map otherwise (names in lower case). Either way with one `Date`.
+    pub async fn answer_lines(front: SocketAddr, host: &str) {
+        let req = format!("GET /cased HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let [by_hyper, plain] = exchange_both(front, host, &req).await;
+        for resp in [&by_hyper, &plain] {
+            assert_eq!(status_of(resp), Some(200), "{resp}");
+            let (head, rest) = resp.split_once("\r\n\r\n").unwrap();
+            assert!(rest.starts_with("ok"), "{resp}");
+            let head = head.to_ascii_lowercase();
+            assert!(head.contains("\r\nx-cased-name: value\r\n"), "{resp}");
+            assert!(head.contains("\r\ncontent-length: 2\r\n"), "{resp}");
+            assert_eq!(head.matches("\r\ndate: ").count(), 1, "{resp}");
+        }
+        assert!(plain.contains("\r\nX-Cased-Name: Value\r\n"), "{plain}");
+        assert!(
+            by_hyper.contains("\r\nx-cased-name: Value\r\n"),
+            "{by_hyper}"
+        );
     }
 
     /// A malformed chunked request body is the client's fault: `400`.

@@ -81,3 +81,9 @@ async fn a_malformed_chunked_body_is_the_clients_fault() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn an_answers_lines_pass_on_as_they_came_on_the_plain_path() {
+    let (_app, qp) = start().await;
+    checks::answer_lines(qp.serving, HOST).await;
+}

@@ -20,6 +20,7 @@ use crate::conn::Connection;
 use crate::pool::BodyError;
 use crate::proxy::{TunnelHold, UpstreamBody};
 use crate::timeout::{TimeoutBody, Timeouts, TIMEOUT_BODY};
+use crate::upstream_h1::{VerbatimLines, VerbatimSource};
 
 pin_project! {
     #[project = ResponseBodyProj]
@@ -224,6 +225,15 @@ pub fn empty<G>(status: StatusCode) -> Response<ResponseBody<G>> {
     let mut resp = Response::new(ResponseBody::empty());
     *resp.status_mut() = status;
     resp
+}
+
+impl<G> VerbatimSource for ResponseBody<G> {
+    fn take_verbatim(&mut self) -> Option<VerbatimLines> {
+        match self {
+            ResponseBody::Proxied { body, .. } => body.take_verbatim(),
+            ResponseBody::Local { .. } | ResponseBody::Watched { .. } => None,
+        }
+    }
 }
 
 impl<G> Body for ResponseBody<G> {

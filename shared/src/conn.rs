@@ -51,6 +51,9 @@ pub struct Connection {
     admission: Mutex<Option<Box<dyn Any + Send>>>,
     /// Whether `admission` holds one: the lock is only taken when it does.
     has_admission: AtomicBool,
+    /// While [`crate::downstream_h1`] serves the connection: it writes each response head
+    /// itself, and can take an upstream's header lines as they came rather than in a map.
+    plain_path: AtomicBool,
 }
 
 /// How long the response being written may stall on a client that does not read.
@@ -83,7 +86,20 @@ impl Connection {
             has_pending: AtomicBool::new(false),
             admission: Mutex::new(None),
             has_admission: AtomicBool::new(false),
+            plain_path: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this connection's responses are written by [`crate::downstream_h1`] for
+    /// now, which writes an upstream's header lines as they came
+    /// ([`crate::upstream_h1::VerbatimLines`]). hyper, which writes the rest, sees only
+    /// a response's `HeaderMap`.
+    pub fn on_plain_path(&self) -> bool {
+        self.plain_path.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_plain_path(&self, on: bool) {
+        self.plain_path.store(on, Ordering::Relaxed);
     }
 
     /// Leaves `admission` for the handler of this connection's first request.

@@ -47,7 +47,9 @@ use tokio::time::Instant;
 
 use crate::conn::{ConnIo, Connection};
 use crate::serve::{RequestBody, MAX_HEADER_BYTES};
-use crate::upstream_h1::{decimal, has_token, last_token_is};
+use crate::upstream_h1::{
+    can_have_body, decimal, has_token, last_token_is, VerbatimLines, VerbatimSource,
+};
 
 /// Header lines this path parses; a request with more goes to hyper, which allows
 /// `serve::MAX_HEADERS`. Few clients send more than a dozen.
@@ -81,8 +83,9 @@ pub(crate) async fn serve<F, Fut, B>(
 where
     F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + VerbatimSource,
 {
+    let _plain = PlainPath::enter(conn);
     // Bytes read before this path saw the connection (a request parked before it) are
     // its first request.
     let mut read = BytesMut::from(io.take_prefix());
@@ -165,6 +168,23 @@ where
             let _ = io.shutdown().await;
             return Served::Closed;
         }
+    }
+}
+
+/// Marks the connection as served here until dropped, whichever way [`serve`] returns:
+/// a connection handed on to hyper must get its upstreams' header lines in a map.
+struct PlainPath<'a>(&'a Connection);
+
+impl<'a> PlainPath<'a> {
+    fn enter(conn: &'a Connection) -> Self {
+        conn.set_plain_path(true);
+        Self(conn)
+    }
+}
+
+impl Drop for PlainPath<'_> {
+    fn drop(&mut self) {
+        self.0.set_plain_path(false);
     }
 }
 
@@ -352,18 +372,22 @@ async fn respond<B>(
     wants_trailers: bool,
 ) -> io::Result<bool>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + VerbatimSource,
 {
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
     let size = if body.is_end_stream() {
         Some(0)
     } else {
         body.size_hint().exact()
     };
     out.clear();
-    let Ok((mut framing, mut keep_alive)) = encode_head(&parts, size, out) else {
+    let verbatim = body.take_verbatim();
+    let Ok((mut framing, mut keep_alive)) = encode_head(&parts, size, verbatim.as_ref(), out)
+    else {
         return Ok(false);
     };
+    // Its bytes share the upstream connection's read buffer, which may be refilled.
+    drop(verbatim);
     let mut body = pin!(body);
     while !matches!(framing, Framing::Length(0)) {
         // A frame the body has at once joins the bytes gathered; only when it has none
@@ -472,18 +496,13 @@ fn push_number(out: &mut Vec<u8>, n: u64, radix: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// Whether a response with this status has a body at all.
-fn can_have_body(status: StatusCode) -> bool {
-    !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED)
-}
-
 /// Writes the status line and headers into `out` by hyper's server rules; returns how
-/// the body is framed and whether the connection may be kept.
+/// the body is framed and whether the connection may be kept. `verbatim`'s lines, when
+/// the body brought them, go first, as they came; the map's follow.
 fn encode_head(
     parts: &http::response::Parts,
     size: Option<u64>,
+    verbatim: Option<&VerbatimLines>,
     out: &mut Vec<u8>,
 ) -> Result<(Framing, bool), Unencodable> {
     let status = parts.status;
@@ -514,6 +533,14 @@ fn encode_head(
     let mut framing = None;
     let mut length_written: Option<u64> = None;
     let mut wrote_date = false;
+    if let Some(verbatim) = verbatim {
+        // Only a status with a body and one `Content-Length` comes verbatim.
+        out.extend_from_slice(verbatim.lines());
+        let length = verbatim.content_length();
+        framing = Some(Framing::Length(length));
+        length_written = Some(length);
+        wrote_date = verbatim.has_date();
+    }
     let mut trailers = Vec::new();
     // A name whose values go on one line, comma-joined, as hyper writes them, and for
     // `Transfer-Encoding`, whether its last value ended in `chunked`.
@@ -774,7 +801,7 @@ mod tests {
     fn head(resp: Response<()>, size: Option<u64>) -> Result<(String, bool, bool), ()> {
         let (parts, ()) = resp.into_parts();
         let mut out = Vec::new();
-        let (framing, keep) = encode_head(&parts, size, &mut out).map_err(|_| ())?;
+        let (framing, keep) = encode_head(&parts, size, None, &mut out).map_err(|_| ())?;
         let text = String::from_utf8(out).unwrap();
         let date = text.find("date: ").expect("a date header");
         let text = format!("{}{}", &text[..date], &text[date + 37..]);
@@ -787,6 +814,37 @@ mod tests {
             b = b.header(*n, *v);
         }
         b.body(()).unwrap()
+    }
+
+    #[test]
+    fn verbatim_lines_go_first_as_they_came_then_the_maps() {
+        let lines = b"Content-Type: text/plain\r\ncontent-length: 2\r\n";
+        let verbatim = VerbatimLines::of(lines, 2, false);
+        let mut out = Vec::new();
+        let (parts, ()) = resp(404, &[("x-added", "1")]).into_parts();
+        let (framing, keep) = encode_head(&parts, Some(2), Some(&verbatim), &mut out)
+            .unwrap_or_else(|_| panic!("encodable"));
+        let text = String::from_utf8(out).unwrap();
+        let expected = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\ncontent-length: 2\r\nx-added: 1\r\ndate: ";
+        assert!(text.starts_with(expected), "{text}");
+        assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+        assert!(matches!(framing, Framing::Length(2)) && keep);
+
+        // Their date is kept, and no second one written.
+        let verbatim = VerbatimLines::of(
+            b"date: Mon, 07 Dec 2026 22:46:53 GMT\r\ncontent-length: 0\r\n",
+            0,
+            true,
+        );
+        let mut out = Vec::new();
+        let (parts, ()) = resp(200, &[]).into_parts();
+        let (framing, _) = encode_head(&parts, Some(0), Some(&verbatim), &mut out)
+            .unwrap_or_else(|_| panic!("encodable"));
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\ndate: Mon, 07 Dec 2026 22:46:53 GMT\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert!(matches!(framing, Framing::Length(0)));
     }
 
     #[test]

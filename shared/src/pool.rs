@@ -40,7 +40,9 @@ use tokio::time::Instant;
 use crate::conn::Connection;
 use crate::quickack::UpstreamStream;
 use crate::serve::{MAX_HEADERS, MAX_HEADER_BYTES};
-use crate::upstream_h1::{ExchangeError, H1Body, NotReusable, UpstreamConn};
+use crate::upstream_h1::{
+    ExchangeError, H1Body, NotReusable, UpstreamConn, VerbatimLines, VerbatimSource,
+};
 
 /// What every request sends upstream: the client's body, or none (a request sent again
 /// to another upstream after its first one could not connect).
@@ -317,30 +319,34 @@ impl Pool {
                 relay.informational(Version::HTTP_11, status, headers);
             }
         };
+        // A client whose response head downstream_h1 writes can take the answer's lines
+        // as they came.
+        let verbatim = relay.is_some_and(|c| c.on_plain_path());
         let (mut conn, reused) = match self.checkout_own(addr) {
             Some(conn) => (conn, true),
             None => (self.connect_own(addr).await?, false),
         };
-        let (mut parts, decode) = match conn.exchange(req, added, informational).await {
+        let mut head = match conn.exchange(req, added, verbatim, informational).await {
             Ok(head) => head,
             // The upstream closed a kept connection as the request went out (an idle
             // timeout of its own): nothing came back, so a safe request goes again.
             Err(e) if e.is_lost() && reused && is_replayable(req.method(), req.headers()) => {
                 conn = self.connect_own(addr).await?;
-                conn.exchange(req, added, informational)
+                conn.exchange(req, added, verbatim, informational)
                     .await
                     .map_err(SendError::Exchange)?
             }
             Err(e) => return Err(SendError::Exchange(e)),
         };
-        let reusable = parts.extensions.remove::<NotReusable>().is_none();
+        let reusable = head.parts.extensions.remove::<NotReusable>().is_none();
         Ok(Response::from_parts(
-            parts,
+            head.parts,
             UpstreamBody {
                 source: Source::Exchanged {
-                    body: H1Body::new(conn, decode, reusable),
+                    body: H1Body::new(conn, head.decode, reusable),
                     pool: Arc::downgrade(&self.inner),
                     addr,
+                    verbatim: head.verbatim,
                 },
             },
         ))
@@ -606,6 +612,8 @@ enum Source {
         body: H1Body,
         pool: Weak<Inner>,
         addr: SocketAddr,
+        /// The head's lines, when they came verbatim: the response's map is empty.
+        verbatim: Option<VerbatimLines>,
     },
 }
 
@@ -637,11 +645,22 @@ impl UpstreamBody {
                     pooled.give_back();
                 }
             }
-            Source::Exchanged { body, pool, addr } => {
+            Source::Exchanged {
+                body, pool, addr, ..
+            } => {
                 if let (Some(conn), Some(pool)) = (body.finished(), pool.upgrade()) {
                     pool.give_back_own(*addr, conn);
                 }
             }
+        }
+    }
+}
+
+impl VerbatimSource for UpstreamBody {
+    fn take_verbatim(&mut self) -> Option<VerbatimLines> {
+        match &mut self.source {
+            Source::Exchanged { verbatim, .. } => verbatim.take(),
+            Source::Hyper { .. } => None,
         }
     }
 }

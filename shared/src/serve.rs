@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use crate::conn::{ConnIo, Connection, Protocol};
 use crate::downstream_h1::{self, Served};
 use crate::tls::CertReloader;
+use crate::upstream_h1::VerbatimSource;
 
 /// Largest request head accepted; beyond it the client gets `431`. Responses from the
 /// app are held to the same size.
@@ -119,7 +120,7 @@ pub async fn serve<F, Fut, B>(
 ) where
     F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B: Body<Data = bytes::Bytes> + VerbatimSource + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     serve_with::<F, Fut, B, Direct>(
@@ -146,7 +147,7 @@ pub async fn serve_with<F, Fut, B, P>(
 ) where
     F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B: Body<Data = bytes::Bytes> + VerbatimSource + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     P: BeforeHyper,
 {
@@ -279,7 +280,7 @@ async fn serve_plain<F, Fut, B>(
 ) where
     F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B: Body<Data = bytes::Bytes> + VerbatimSource + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let holds_request = !handoff.read.is_empty();
@@ -346,7 +347,7 @@ async fn serve_protocol<I, S, B>(
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B: Body<Data = bytes::Bytes> + VerbatimSource + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     match protocol {
@@ -500,6 +501,9 @@ mod tests {
     use super::*;
     use http_body_util::Full;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The test handlers answer with plain bodies, which never bring verbatim lines.
+    impl VerbatimSource for Full<Bytes> {}
+    impl<S> VerbatimSource for http_body_util::StreamBody<S> {}
 
     /// `serve` on a loopback port with a 60 s read-header timeout, answering `ok`.
     async fn start() -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
@@ -563,7 +567,7 @@ mod tests {
     where
         F: Fn(&Arc<Connection>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<B>> + Send + 'static,
-        B: Body<Data = bytes::Bytes> + Send + 'static,
+        B: Body<Data = bytes::Bytes> + VerbatimSource + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -107,6 +107,12 @@ pin_project! {
     }
 }
 
+impl<B: crate::upstream_h1::VerbatimSource> crate::upstream_h1::VerbatimSource for TimeoutBody<B> {
+    fn take_verbatim(&mut self) -> Option<crate::upstream_h1::VerbatimLines> {
+        self.inner.take_verbatim()
+    }
+}
+
 impl<B> Body for TimeoutBody<B>
 where
     B: Body<Data = Bytes>,
