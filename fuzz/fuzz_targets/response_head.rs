@@ -5,6 +5,8 @@
 //! Invariants:
 //! - no panic;
 //! - read without `verbatim`, lines never come verbatim;
+//! - a head whose lines come verbatim is one the map reads too, with the same status and
+//!   body framing;
 //! - lines that come verbatim are exactly the head's header lines, in order: httparse
 //!   reads the same names and values from a head made of a status line, them and an
 //!   empty line; every line in them ends in CRLF, with no bare LF or CR;
@@ -30,7 +32,8 @@ const HELD_BACK: [&str; 9] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(Some(head)) = read_final_head(data, false) {
+    let mapped = read_final_head(data, false);
+    if let Ok(Some(head)) = &mapped {
         assert!(head.verbatim.is_none(), "verbatim lines nobody asked for");
     }
     let Ok(Some(head)) = read_final_head(data, true) else {
@@ -39,6 +42,13 @@ fuzz_target!(|data: &[u8]| {
     let Some(verbatim) = head.verbatim else {
         return;
     };
+    // Nothing the map would refuse passes verbatim, and the map reads the same answer.
+    let mapped = match mapped {
+        Ok(Some(mapped)) => mapped,
+        other => panic!("verbatim lines from a head the map refuses: {other:?}"),
+    };
+    assert_eq!(mapped.parts.status, head.parts.status);
+    assert_eq!(mapped.decode, head.decode);
     assert!(
         head.parts.headers.is_empty(),
         "lines both verbatim and in the map"
@@ -86,5 +96,15 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert_eq!(lengths, 1);
+    for h in original.headers.iter() {
+        let values: Vec<&[u8]> = mapped
+            .parts
+            .headers
+            .get_all(h.name)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert!(values.contains(&h.value), "the map lost {}", h.name);
+    }
     assert_eq!(verbatim.has_date(), dates > 0);
 });
