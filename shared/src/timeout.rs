@@ -15,6 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Duration, Instant, Sleep};
 
+use crate::upstream_h1::{VerbatimLines, VerbatimSource};
+
 /// The body Knative writes for any of the three timeouts.
 pub const TIMEOUT_BODY: &str = "request timeout";
 
@@ -107,8 +109,9 @@ pin_project! {
     }
 }
 
-impl<B: crate::upstream_h1::VerbatimSource> crate::upstream_h1::VerbatimSource for TimeoutBody<B> {
-    fn take_verbatim(&mut self) -> Option<crate::upstream_h1::VerbatimLines> {
+/// The head's lines pass through: the timeouts concern the body only.
+impl<B: VerbatimSource> VerbatimSource for TimeoutBody<B> {
+    fn take_verbatim(&mut self) -> Option<VerbatimLines> {
         self.inner.take_verbatim()
     }
 }

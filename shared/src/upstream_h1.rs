@@ -406,12 +406,8 @@ fn parse_head(head: &Bytes, no_body: bool, verbatim: bool) -> Result<Parsed, Exc
             0 => Decode::Done,
             n => Decode::Length(n),
         };
-        let mut parts = Response::new(()).into_parts().0;
-        parts.status = status;
-        parts.version = version;
-        keep_reason(&mut parts, status, res.reason);
         return Ok(Parsed::Final(Head {
-            parts,
+            parts: final_parts(status, version, res.reason),
             decode,
             verbatim: Some(verbatim),
         }));
@@ -484,14 +480,11 @@ fn parse_head(head: &Bytes, no_body: bool, verbatim: bool) -> Result<Parsed, Exc
     if decode == Decode::Close {
         keep_alive = false;
     }
-    let mut parts = Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = version;
+    let mut parts = final_parts(status, version, res.reason);
     parts.headers = headers;
     if !keep_alive {
         parts.extensions.insert(NotReusable);
     }
-    keep_reason(&mut parts, status, res.reason);
     Ok(Parsed::Final(Head {
         parts,
         decode,
@@ -499,8 +492,16 @@ fn parse_head(head: &Bytes, no_body: bool, verbatim: bool) -> Result<Parsed, Exc
     }))
 }
 
-/// hyper's server writes a reason phrase other than the standard one back out.
-fn keep_reason(parts: &mut http::response::Parts, status: StatusCode, reason: Option<&str>) {
+/// A final answer's parts with no header lines yet. A reason phrase other than the
+/// standard one is kept, which hyper's server writes back out.
+fn final_parts(
+    status: StatusCode,
+    version: Version,
+    reason: Option<&str>,
+) -> http::response::Parts {
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
     if let Some(reason) = reason {
         if Some(reason) != status.canonical_reason() && !reason.is_empty() {
             if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes()) {
@@ -508,6 +509,7 @@ fn keep_reason(parts: &mut http::response::Parts, status: StatusCode, reason: Op
             }
         }
     }
+    parts
 }
 
 /// Whether an answer with this status has a body at all (RFC 9110 §6.4.1).
